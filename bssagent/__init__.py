@@ -1,0 +1,38 @@
+"""bssagent: per-user, durable, concurrency-safe conversation sessions for LangGraph agents."""
+
+from .config import Settings
+from .errors import (
+    BssAgentError,
+    ConfigurationError,
+    InvalidInputError,
+    MigrationError,
+    SessionNotFoundError,
+    StorageError,
+    StorageUnavailableError,
+    ThreadBusyError,
+    UnknownFieldError,
+)
+from .sessions.manager_async import AsyncAgentSessionManager
+from .sessions.manager_base import Health
+from .sessions.manager_sync import AgentSessionManager
+from .sessions.model import UserSession
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentSessionManager",
+    "AsyncAgentSessionManager",
+    "BssAgentError",
+    "ConfigurationError",
+    "Health",
+    "InvalidInputError",
+    "MigrationError",
+    "SessionNotFoundError",
+    "Settings",
+    "StorageError",
+    "StorageUnavailableError",
+    "ThreadBusyError",
+    "UnknownFieldError",
+    "UserSession",
+    "__version__",
+]

@@ -1,0 +1,135 @@
+"""Configuration: one pydantic-settings class, read from ``BSSAGENT_*`` variables and ``.env``.
+
+Every field can also be passed as a keyword argument to the managers, which wins over the
+environment. Where the data lives is decided by the database URL:
+
+=================================  =========================================================
+``BSSAGENT_DATABASE_URL``          backend
+=================================  =========================================================
+unset (and no ``DATABASE_URL``)    SQLite file at ``BSSAGENT_SQLITE_PATH`` (zero set-up)
+``postgresql://...``               PostgreSQL (needs the ``postgres`` extra)
+``sqlite:///path/to/file.db``      SQLite file at that path
+``memory://``                      process memory only (tests, throwaway runs)
+=================================  =========================================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+from .sessions import validation
+
+__all__ = ["Backend", "Settings", "StorageTarget", "redact_url", "resolve_target"]
+
+Backend = Literal["postgres", "sqlite", "memory"]
+FallbackMode = Literal["memory", "raise"]
+
+
+class Settings(BaseSettings):
+    """bssagent settings. Environment variables carry the ``BSSAGENT_`` prefix."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BSSAGENT_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("database_url", "BSSAGENT_DATABASE_URL", "DATABASE_URL"),
+        description="postgresql://, sqlite:/// or memory:// URL; unset means the SQLite file.",
+    )
+    sqlite_path: Path = Field(
+        default=Path(".bssagent/bssagent.db"),
+        description="The embedded database file used when no URL is set.",
+    )
+    table_name: str = Field(default="user_sessions", description="The session table's name.")
+    namespace: str = Field(default="default", description="Scope of a manager's sessions.")
+    cache_size: int = Field(default=10_000, ge=0, description="LRU cache entries (0 disables).")
+    cache_ttl: float = Field(default=60.0, gt=0, description="Seconds a cached session is trusted.")
+    fallback: FallbackMode = Field(
+        default="memory",
+        description="On an unreachable database: 'memory' keeps serving, 'raise' fails closed.",
+    )
+    connect_timeout: float = Field(default=2.0, gt=0, description="Seconds to open a connection.")
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    pool_timeout: float = Field(default=2.0, gt=0, description="Seconds to wait for a connection.")
+    prepare_threshold: int | None = Field(
+        default=5, description="psycopg prepare_threshold; set empty (None) behind a pgbouncer."
+    )
+    reconnect_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between reconnect attempts while degraded."
+    )
+    migration_lock_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds to wait for the schema migration lock."
+    )
+
+    @field_validator("table_name")
+    @classmethod
+    def _check_table_name(cls, value: str) -> str:
+        return validation.table_name(value)
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        return validation.namespace(value)
+
+    @field_validator("prepare_threshold", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+@dataclass(frozen=True)
+class StorageTarget:
+    """Where sessions live, resolved from :class:`Settings`."""
+
+    backend: Backend
+    url: str | None = None
+    """The PostgreSQL conninfo (secret: never log it, use :func:`redact_url`)."""
+    path: Path | None = None
+    """The SQLite file."""
+
+
+def resolve_target(settings: Settings) -> StorageTarget:
+    """Decide the backend from the settings' database URL (pure; no I/O)."""
+    if settings.database_url is None or not settings.database_url.get_secret_value().strip():
+        return StorageTarget("sqlite", path=settings.sqlite_path)
+    url = settings.database_url.get_secret_value().strip()
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
+        # Accept SQLAlchemy-style "postgresql+psycopg://" URLs too.
+        return StorageTarget("postgres", url=re.sub(r"^[^:]+:", "postgresql:", url, count=1))
+    if scheme == "sqlite":
+        path = unquote(urlsplit(url).path)
+        if url.startswith("sqlite:////"):
+            path = "/" + path.lstrip("/")
+        elif url.startswith("sqlite:///"):
+            path = path[1:]
+        if not path:
+            raise ConfigurationError("a sqlite:/// URL needs a file path")
+        return StorageTarget("sqlite", path=Path(path))
+    if scheme == "memory":
+        return StorageTarget("memory")
+    raise ConfigurationError(
+        f"unsupported database URL scheme {scheme!r}: use postgresql://, sqlite:/// or memory://"
+    )
+
+
+def redact_url(url: str | None) -> str:
+    """Return ``url`` with any password replaced by ``***``, safe for logs."""
+    if not url:
+        return "<none>"
+    parts = urlsplit(url)
+    if parts.password is None:
+        # Key/value conninfo strings ("host=... password=...") are redacted too.
+        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

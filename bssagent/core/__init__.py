@@ -1,0 +1,15 @@
+"""The seed's import path: ``from bssagent.core import AgentSessionManager, BaseAgent``."""
+
+from ..errors import SessionNotFoundError
+from ..sessions.manager_async import AsyncAgentSessionManager
+from ..sessions.manager_base import Health
+from ..sessions.manager_sync import AgentSessionManager
+from ..sessions.model import UserSession
+
+__all__ = [
+    "AgentSessionManager",
+    "AsyncAgentSessionManager",
+    "Health",
+    "SessionNotFoundError",
+    "UserSession",
+]

@@ -1,0 +1,89 @@
+"""Every error bssagent raises, in one tree.
+
+Catch :class:`BssAgentError` to handle anything the library raises on purpose. Driver
+errors (psycopg, sqlite3) never escape raw: they are wrapped in a :class:`StorageError`
+subclass with the original chained as ``__cause__``.
+
+::
+
+    BssAgentError
+    ├── ConfigurationError            settings that cannot work (bad URL, bad table name)
+    ├── InvalidInputError             (also ValueError) bad argument, before any I/O; ``.field``
+    │   └── UnknownFieldError         ``update_session`` got a field it does not accept
+    ├── SessionNotFoundError          (also ValueError) no such session for this user, or not theirs
+    ├── ThreadBusyError               a run already holds the thread (``reject`` strategy)
+    └── StorageError                  the storage backend failed; ``__cause__`` is the driver error
+        ├── StorageUnavailableError   connection-class failure: server down, unreachable, timed out
+        └── MigrationError            the schema could not be brought up to date
+
+Only :class:`StorageUnavailableError` moves a manager into its memory-only fallback. Bad
+input, constraint violations and programming errors never do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BssAgentError",
+    "ConfigurationError",
+    "InvalidInputError",
+    "MigrationError",
+    "SessionNotFoundError",
+    "StorageError",
+    "StorageUnavailableError",
+    "ThreadBusyError",
+    "UnknownFieldError",
+]
+
+
+class BssAgentError(Exception):
+    """Root of every error raised by bssagent."""
+
+
+class ConfigurationError(BssAgentError):
+    """The configuration cannot work: an unknown URL scheme, an invalid table name, ..."""
+
+
+class InvalidInputError(BssAgentError, ValueError):
+    """An argument failed validation. Nothing was read or written.
+
+    Attributes:
+        field: The name of the offending argument (``"user_id"``, ``"title"``, ...).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnknownFieldError(InvalidInputError):
+    """``update_session`` was given a field it does not accept. Nothing was written."""
+
+
+class SessionNotFoundError(BssAgentError, ValueError):
+    """The user has no such session.
+
+    Raised both when a session does not exist and when it belongs to someone else: the
+    two cases are deliberately indistinguishable, so thread ids cannot be probed.
+    """
+
+
+class ThreadBusyError(BssAgentError):
+    """Another run holds the thread's run lock and the strategy is ``reject``."""
+
+
+class StorageError(BssAgentError):
+    """The storage backend failed. The driver's exception is chained as ``__cause__``."""
+
+
+class StorageUnavailableError(StorageError):
+    """The backend cannot be reached: refused, reset, timed out, shutting down."""
+
+
+class MigrationError(StorageError):
+    """The schema migrations could not be applied (or the migration lock not taken)."""
+
+
+# Public module path in tracebacks, as httpx and psycopg_pool do.
+for _name in __all__:
+    globals()[_name].__module__ = "bssagent"
+del _name

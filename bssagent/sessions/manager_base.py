@@ -1,0 +1,158 @@
+"""What the sync and async session managers share: settings, cache, degraded-mode state.
+
+Pure logic only (no I/O, nothing to await), so both twins use it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+
+from ..config import Settings, StorageTarget, redact_url, resolve_target
+from ..errors import ConfigurationError
+from .cache import VersionedLRU
+from .model import UserSession
+from .storage.memory import MemoryStore, utcnow_after
+
+logger = logging.getLogger("bssagent.sessions")
+
+DEFAULT_TITLE = "New Chat"
+DEFAULT_PAGE = 100
+
+
+@dataclass(frozen=True)
+class Health:
+    """A manager's view of its storage.
+
+    Attributes:
+        status: ``"ok"`` when the configured backend serves calls, ``"degraded"`` while the
+            memory-only fallback does.
+        backend: The configured backend (``postgres`` / ``sqlite`` / ``memory``).
+        reason: Why the manager is degraded (the error class), else ``None``.
+        since: When degraded mode started (UTC), else ``None``.
+        degraded_episodes: How many times this manager entered degraded mode.
+    """
+
+    status: Literal["ok", "degraded"]
+    backend: str
+    reason: str | None
+    since: datetime | None
+    degraded_episodes: int
+
+
+def build_settings(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
+    """Settings from the environment, with explicit keyword arguments winning."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        if settings is None:
+            return Settings(**given)
+        return Settings(**{**settings.model_dump(), **given})
+    except pydantic.ValidationError as exc:
+        raise ConfigurationError(f"invalid bssagent settings: {exc}") from None
+
+
+class ManagerState:
+    """Cache and degraded-mode bookkeeping of one manager (thread-safe)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.target: StorageTarget = resolve_target(settings)
+        self.namespace = settings.namespace
+        self.cache: VersionedLRU[str, UserSession] = VersionedLRU(
+            settings.cache_size, settings.cache_ttl
+        )
+        self.memory = MemoryStore()
+        self._lock = threading.Lock()
+        self._since: datetime | None = None
+        self._reason: str | None = None
+        self._next_retry = 0.0
+        self._episodes = 0
+
+    @property
+    def degraded(self) -> bool:
+        return self._since is not None
+
+    def should_try_primary(self) -> bool:
+        """Whether a call should go to the configured backend (always, unless degraded and
+        the next reconnect attempt is not due; a due attempt is claimed by one caller)."""
+        if self._since is None:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_retry:
+                return False
+            self._next_retry = now + self.settings.reconnect_interval
+            return True
+
+    def enter_degraded(self, exc: BaseException) -> bool:
+        """Record a connection-class failure; True if this call started degraded mode."""
+        with self._lock:
+            self._next_retry = time.monotonic() + self.settings.reconnect_interval
+            if self._since is not None:
+                return False
+            self._since = datetime.now(timezone.utc)
+            self._reason = type(exc.__cause__ or exc).__name__
+            self._episodes += 1
+        # Known users keep their sessions: copy the cached ones into the fallback store.
+        for session in self.cache.values():
+            self.memory.adopt(session)
+        logger.warning(
+            "bssagent: %s storage unavailable (%s, %s); serving sessions from memory until it "
+            "returns",
+            self.target.backend,
+            self._reason,
+            self.location(),
+        )
+        return True
+
+    def leave_degraded(self, reconciled: int) -> None:
+        with self._lock:
+            if self._since is None:
+                return
+            self._since = None
+            self._reason = None
+            self.memory = MemoryStore()
+        self.cache.clear()
+        logger.warning(
+            "bssagent: %s storage is back; %d session(s) from memory reconciled",
+            self.target.backend,
+            reconciled,
+        )
+
+    def location(self) -> str:
+        """Where the data lives, safe for logs (no password)."""
+        if self.target.backend == "postgres":
+            return redact_url(self.target.url)
+        if self.target.backend == "sqlite":
+            return str(Path(self.target.path or ""))
+        return "memory"
+
+    def health(self) -> Health:
+        with self._lock:
+            return Health(
+                status="degraded" if self._since else "ok",
+                backend=self.target.backend,
+                reason=self._reason,
+                since=self._since,
+                degraded_episodes=self._episodes,
+            )
+
+    def remember(self, user_id: str, session: UserSession | None) -> None:
+        """Cache ``session`` as the user's current one (or forget a no-longer-current one)."""
+        if session is None:
+            return
+        if session.is_active:
+            self.cache.put(user_id, session, session.updated_at)
+        else:
+            self.cache.invalidate(user_id, session.updated_at)
+
+    def forget(self, user_id: str) -> None:
+        """Invalidate the user's cached session after a change whose result is unknown."""
+        self.cache.invalidate(user_id, utcnow_after())
