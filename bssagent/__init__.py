@@ -1,5 +1,6 @@
 """bssagent: per-user, durable, concurrency-safe conversation sessions for LangGraph agents."""
 
+from .agent.base import BaseAgent
 from .config import Settings
 from .errors import (
     BssAgentError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentSessionManager",
     "AsyncAgentSessionManager",
+    "BaseAgent",
     "BssAgentError",
     "ConfigurationError",
     "Health",

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
 
     database_url: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("database_url", "BSSAGENT_DATABASE_URL", "DATABASE_URL"),
+        # BSSAGENT_ first: names are case-insensitive, so "database_url" would match DATABASE_URL.
+        validation_alias=AliasChoices("BSSAGENT_DATABASE_URL", "database_url", "DATABASE_URL"),
         description="postgresql://, sqlite:/// or memory:// URL; unset means the SQLite file.",
     )
     sqlite_path: Path = Field(
@@ -74,7 +75,10 @@ class Settings(BaseSettings):
     @field_validator("table_name")
     @classmethod
     def _check_table_name(cls, value: str) -> str:
-        return validation.table_name(value)
+        try:
+            return validation.table_name(value)
+        except ConfigurationError as exc:  # pydantic reports ValueErrors as ValidationError
+            raise ValueError(str(exc)) from None
 
     @field_validator("namespace")
     @classmethod
@@ -109,9 +113,9 @@ def resolve_target(settings: Settings) -> StorageTarget:
         return StorageTarget("postgres", url=re.sub(r"^[^:]+:", "postgresql:", url, count=1))
     if scheme == "sqlite":
         path = unquote(urlsplit(url).path)
-        if url.startswith("sqlite:////"):
+        if url.lower().startswith("sqlite:////"):
             path = "/" + path.lstrip("/")
-        elif url.startswith("sqlite:///"):
+        elif url.lower().startswith("sqlite:///"):
             path = path[1:]
         if not path:
             raise ConfigurationError("a sqlite:/// URL needs a file path")
@@ -128,8 +132,8 @@ def redact_url(url: str | None) -> str:
     if not url:
         return "<none>"
     parts = urlsplit(url)
-    if parts.password is None:
-        # Key/value conninfo strings ("host=... password=...") are redacted too.
-        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        url = parts._replace(netloc=netloc).geturl()
+    # Key/value conninfo ("host=... password=...") and ?password= query parameters too.
+    return re.sub(r"(password\s*=\s*)('[^']*'|[^\s&]+)", r"\1***", url)

@@ -8,6 +8,7 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from .config import Settings
+from .sessions.manager_base import build_settings
 
 __all__ = ["setup_environment_variables"]
 
@@ -26,9 +27,9 @@ def setup_environment_variables(env_file: str | os.PathLike[str] | None = None) 
         The validated :class:`~bssagent.config.Settings`.
 
     Raises:
-        pydantic.ValidationError: A ``BSSAGENT_*`` variable holds an invalid value.
+        ConfigurationError: A ``BSSAGENT_*`` variable holds an invalid value.
     """
     path = Path(env_file) if env_file is not None else Path(".env")
     if path.is_file():
         load_dotenv(path, override=False)
-    return Settings()
+    return build_settings(None, {})

@@ -129,6 +129,23 @@ is_local_host() {
     esac
 }
 
+# Run a command with every file descriptor above 2 closed.  Used for commands
+# that may leave a daemon behind (pg_ctl start, apt-get starting a cluster):
+# otherwise the server would inherit e.g. our saved stdout (fd 3) and keep the
+# caller's pipe open forever, so `DSN=$(bash tests/ensure_postgres.sh | tail -n1)`
+# would never return.
+without_extra_fds() {
+    (
+        for fd_path in /proc/self/fd/*; do
+            fd="${fd_path##*/}"
+            if [[ "$fd" =~ ^[0-9]+$ ]] && ((fd > 2)); then
+                eval "exec ${fd}>&-" 2>/dev/null || true
+            fi
+        done
+        "$@"
+    ) 3>&-
+}
+
 # Run a command with root privileges (directly, or through sudo).
 as_root() {
     if ((IS_ROOT)); then
@@ -160,7 +177,7 @@ install_server() {
     log "PostgreSQL server binaries not found; installing them with apt-get (this can take a while)"
     as_root apt-get update ||
         die "'apt-get update' failed"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql ||
+    without_extra_fds as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql ||
         die "'apt-get install -y postgresql' failed"
 }
 
@@ -219,7 +236,7 @@ start_own_cluster() {
     fi
 
     log "starting test cluster $datadir on $HOST:$PORT (log: $logfile)"
-    if ! as_owner "$bindir/pg_ctl" -D "$datadir" \
+    if ! without_extra_fds as_owner "$bindir/pg_ctl" -D "$datadir" \
         -o "-p $PORT -k /tmp -c listen_addresses='$HOST'" \
         -l "$logfile" -w -t 60 start; then
         log "last lines of $logfile:"
@@ -272,7 +289,14 @@ psql_admin() {
 # Check that we can log in as postgres without a password prompt.
 if ! err="$(psql_admin -tAc 'select 1' 2>&1 >/dev/null)"; then
     log "$err"
-    die "cannot connect to $HOST:$PORT as user 'postgres' without a password. Use a server with trust auth for 127.0.0.1, set PGPASSWORD (or ~/.pgpass), set BSSAGENT_TEST_DATABASE_URL to a working DSN, or pick a free BSSAGENT_TEST_PG_PORT so that a dedicated test cluster is started"
+    case "$err" in
+        *password* | *authentication* | *pg_hba.conf*)
+            die "cannot log in to $HOST:$PORT as user 'postgres' without a password. Use a server with trust auth for $HOST, set PGPASSWORD (or ~/.pgpass), set BSSAGENT_TEST_DATABASE_URL to a working DSN, or pick a free BSSAGENT_TEST_PG_PORT so that a dedicated test cluster is started"
+            ;;
+        *)
+            die "cannot connect to $HOST:$PORT as user 'postgres' (psql error above). Is it really a PostgreSQL server? Set BSSAGENT_TEST_DATABASE_URL to a working DSN, or pick a free BSSAGENT_TEST_PG_PORT so that a dedicated test cluster is started"
+            ;;
+    esac
 fi
 
 db_exists() {

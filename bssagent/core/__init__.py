@@ -1,5 +1,6 @@
 """The seed's import path: ``from bssagent.core import AgentSessionManager, BaseAgent``."""
 
+from ..agent.base import BaseAgent
 from ..errors import SessionNotFoundError
 from ..sessions.manager_async import AsyncAgentSessionManager
 from ..sessions.manager_base import Health
@@ -9,6 +10,7 @@ from ..sessions.model import UserSession
 __all__ = [
     "AgentSessionManager",
     "AsyncAgentSessionManager",
+    "BaseAgent",
     "Health",
     "SessionNotFoundError",
     "UserSession",

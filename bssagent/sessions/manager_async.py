@@ -123,6 +123,11 @@ class AsyncAgentSessionManager:
         return self._state.target.backend
 
     @property
+    def location(self) -> str:
+        """Where the sessions are stored, safe to print or log (no password)."""
+        return self._state.location()
+
+    @property
     def is_degraded(self) -> bool:
         """True while the memory-only fallback serves calls."""
         return self._state.degraded
@@ -186,7 +191,7 @@ class AsyncAgentSessionManager:
         """
         user_id = validation.user_id(user_id)
         title = validation.title(title)
-        meta = validation.metadata(metadata or {})
+        meta = {} if metadata is None else validation.metadata(metadata)
         ns, thread_id = self.namespace, self._new_thread_id()
         session = await self._call(
             lambda s: s.create(ns, user_id, title, meta, thread_id),
@@ -207,11 +212,11 @@ class AsyncAgentSessionManager:
             InvalidInputError: A bad ``user_id``, ``title`` or ``metadata``.
         """
         user_id = validation.user_id(user_id)
+        title = validation.title(title)
+        meta = {} if metadata is None else validation.metadata(metadata)
         cached = self._state.cache.get(user_id)
         if cached is not None:
             return cached
-        title = validation.title(title)
-        meta = validation.metadata(metadata or {})
         ns, thread_id = self.namespace, self._new_thread_id()
         session, _ = await self._call(
             lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),

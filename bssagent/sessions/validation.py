@@ -73,24 +73,37 @@ def thread_id(value: object) -> str:
 def metadata(value: object) -> dict[str, Any]:
     """Return a copy of ``value`` if it is a JSON object of at most 16 KiB.
 
-    Keys must be strings; values must be JSON-encodable without NaN or infinity; no
-    string may contain NUL or a lone surrogate (PostgreSQL ``jsonb`` rejects both).
+    Values must be JSON-encodable without NaN or infinity (keys become strings, as JSON
+    makes them); no string may contain NUL or a lone surrogate (PostgreSQL ``jsonb``
+    rejects both). The copy is what gets stored, so later changes to ``value`` do not leak.
     """
     if not isinstance(value, Mapping):
         raise InvalidInputError("metadata", f"must be a JSON object, not {type(value).__name__}")
     try:
         encoded = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-        size = len(encoded.encode("utf-8"))
     except (TypeError, ValueError) as exc:
         raise InvalidInputError("metadata", f"must be JSON-encodable: {exc}") from None
+    try:
+        size = len(encoded.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidInputError("metadata", "must not contain lone surrogates") from None
-    if "\x00" in encoded:
-        raise InvalidInputError("metadata", "must not contain NUL characters")
     if size > MAX_METADATA_BYTES:
         raise InvalidInputError("metadata", f"must encode to at most {MAX_METADATA_BYTES} bytes")
     result: dict[str, Any] = json.loads(encoded)
+    if _has_nul(result):
+        raise InvalidInputError("metadata", "must not contain NUL characters")
     return result
+
+
+def _has_nul(value: object) -> bool:
+    """Whether a decoded JSON value holds a NUL in any key or string."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def updates(value: object) -> dict[str, Any]:

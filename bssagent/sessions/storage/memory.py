@@ -10,7 +10,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..model import UserSession
+from ..model import UserSession, freeze
 
 
 def utcnow_after(previous: datetime | None = None) -> datetime:
@@ -126,7 +126,7 @@ class MemoryStore:
                 session = session.model_copy(
                     update={
                         "is_active": False,
-                        "metadata": {**session.metadata, "bssagent_merged": True},
+                        "metadata": freeze({**session.metadata, "bssagent_merged": True}),
                     }
                 )
             session = session.model_copy(update={"id": self._next_id})
@@ -177,6 +177,8 @@ class MemoryStore:
 
     def _replace(self, session: UserSession, **changes: Any) -> UserSession:
         changes["updated_at"] = utcnow_after(session.updated_at)
+        if "metadata" in changes:  # model_copy does not run validators: freeze it here
+            changes["metadata"] = freeze(changes["metadata"])
         updated = session.model_copy(update=changes)
         self._by_thread[session.thread_id] = updated
         return updated

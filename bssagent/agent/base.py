@@ -1,0 +1,506 @@
+"""``BaseAgent``: a LangGraph graph with durable, per-user, one-run-at-a-time threads."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import StateGraph
+from langgraph.pregel import Pregel
+from langgraph.types import Command, StateSnapshot
+
+from ..config import Settings
+from ..errors import ConfigurationError, InvalidInputError
+from ..sessions import validation
+from ..sessions.manager_async import AsyncAgentSessionManager
+from ..sessions.manager_sync import AgentSessionManager
+from .checkpointers import Checkpointers, Saver
+from .run_lock import RunLocks, RunStrategy
+
+_SYNC_ONLY = {"SqliteSaver", "PostgresSaver", "ShallowPostgresSaver"}
+_ASYNC_ONLY = {"AsyncSqliteSaver", "AsyncPostgresSaver", "AsyncShallowPostgresSaver"}
+
+
+def _check_pairing(saver: Saver, want_async: bool) -> None:
+    names = {cls.__name__ for cls in type(saver).__mro__}
+    if want_async and names & _SYNC_ONLY:
+        raise ConfigurationError(
+            f"{type(saver).__name__} only supports sync calls: use invoke/stream, or give the "
+            "agent an async saver for ainvoke/astream"
+        )
+    if not want_async and names & _ASYNC_ONLY:
+        raise ConfigurationError(
+            f"{type(saver).__name__} only supports async calls: use ainvoke/astream, or give "
+            "the agent a sync saver for invoke/stream"
+        )
+
+
+class BaseAgent(abc.ABC):
+    """Subclass it, build a LangGraph graph in :meth:`define_graph`, and run it per user.
+
+    One instance serves every user and conversation: threads isolate conversations, so
+    never create an agent per request. The graph is compiled with a checkpointer on the
+    same database as the session registry (LangGraph's own savers), unless you compiled
+    it with your own.
+
+    Each call takes the conversation from ``config["configurable"]["thread_id"]`` (the
+    seed's way), or from ``user_id=`` (the user's current session, created if needed),
+    optionally with ``thread_id=`` to pick one of the user's sessions (ownership-checked).
+
+    Runs on one thread never interleave (see :mod:`bssagent.agent.run_lock`).
+
+    Args:
+        name: The agent's name.
+        description: What it does.
+        checkpointer: A LangGraph saver to use instead of the default one.
+        session_manager: The registry for ``user_id=`` calls; default: one built from
+            ``settings`` (sync and async twins are made from each other's settings).
+        settings: Configuration; default: from the environment (or the manager's).
+        run_strategy: ``"enqueue"`` (wait for the thread) or ``"reject"``
+            (raise :class:`~bssagent.errors.ThreadBusyError`); per call too.
+        run_timeout: Seconds an ``enqueue`` run waits for the thread.
+
+    Raises:
+        ConfigurationError: :meth:`define_graph` set no graph.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        description: str = "",
+        *,
+        checkpointer: BaseCheckpointSaver[Any] | None = None,
+        session_manager: AgentSessionManager | AsyncAgentSessionManager | None = None,
+        settings: Settings | None = None,
+        run_strategy: RunStrategy = "enqueue",
+        run_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidInputError("name", "must be a non-empty string")
+        if run_strategy not in ("enqueue", "reject"):
+            raise InvalidInputError("run_strategy", "must be 'enqueue' or 'reject'")
+        self.name = name
+        self.description = description
+        self._sm: AgentSessionManager | None = None
+        self._asm: AsyncAgentSessionManager | None = None
+        self._owned_managers: list[AgentSessionManager | AsyncAgentSessionManager] = []
+        if isinstance(session_manager, AgentSessionManager):
+            self._sm = session_manager
+        elif isinstance(session_manager, AsyncAgentSessionManager):
+            self._asm = session_manager
+        self.settings = (
+            session_manager.settings if session_manager is not None else settings or Settings()
+        )
+        self._checkpointers = Checkpointers(self.settings)
+        self._locks = RunLocks(self.settings, degraded=lambda: self.is_degraded)
+        self._run_strategy: RunStrategy = run_strategy
+        self._run_timeout = run_timeout
+        self._own_saver = checkpointer
+        self._compiled: Pregel[Any, Any, Any, Any] | None = None
+        self._sync_graph: Pregel[Any, Any, Any, Any] | None = None
+        returned = self.define_graph()
+        if returned is not None:
+            self.set_compiled_graph(returned)
+        if self._compiled is None:
+            raise ConfigurationError(
+                f"{type(self).__name__}.define_graph() must call self.set_compiled_graph(...) "
+                "or return a StateGraph"
+            )
+
+    # -- the graph ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def define_graph(self) -> StateGraph[Any] | Pregel[Any, Any, Any, Any] | None:
+        """Build the graph: call :meth:`set_compiled_graph`, or return a (compiled) graph."""
+
+    def set_compiled_graph(self, graph: StateGraph[Any] | Pregel[Any, Any, Any, Any]) -> None:
+        """Use ``graph``. An uncompiled ``StateGraph`` is compiled; a checkpointer compiled
+        into the graph is kept, otherwise the agent's own is attached at run time."""
+        if isinstance(graph, StateGraph):
+            graph = graph.compile()
+        if not isinstance(graph, Pregel):
+            raise ConfigurationError(
+                f"set_compiled_graph needs a StateGraph or compiled graph, got {type(graph)!r}"
+            )
+        if isinstance(graph.checkpointer, BaseCheckpointSaver):
+            self._own_saver = graph.checkpointer
+        self._compiled = graph
+        self._sync_graph = None
+
+    @property
+    def graph(self) -> Pregel[Any, Any, Any, Any]:
+        """The compiled graph as given (without the agent's checkpointer)."""
+        assert self._compiled is not None
+        return self._compiled
+
+    def _graph_for(self, saver: Saver) -> Pregel[Any, Any, Any, Any]:
+        return self.graph.copy(update={"checkpointer": saver})
+
+    def _sync_runnable(self) -> Pregel[Any, Any, Any, Any]:
+        if self._sync_graph is None:
+            saver = self._own_saver or self._checkpointers.sync()
+            _check_pairing(saver, want_async=False)
+            self._sync_graph = self._graph_for(saver)
+        return self._sync_graph
+
+    # -- sessions -------------------------------------------------------------------------
+
+    @property
+    def session_manager(self) -> AgentSessionManager:
+        """The sync session registry used for ``user_id=`` calls."""
+        if self._sm is None:
+            self._sm = AgentSessionManager(settings=self.settings)
+            self._owned_managers.append(self._sm)
+        return self._sm
+
+    @property
+    def async_session_manager(self) -> AsyncAgentSessionManager:
+        """The async session registry used for ``user_id=`` calls of async methods."""
+        if self._asm is None:
+            self._asm = AsyncAgentSessionManager(settings=self.settings)
+            self._owned_managers.append(self._asm)
+        return self._asm
+
+    @property
+    def is_degraded(self) -> bool:
+        """True while sessions or checkpoints are kept in memory only."""
+        managers = [m for m in (self._sm, self._asm) if m is not None]
+        return self._checkpointers.is_degraded or any(m.is_degraded for m in managers)
+
+    @staticmethod
+    def _split(
+        config: RunnableConfig | None, thread_id: str | None
+    ) -> tuple[dict[str, Any], str | None]:
+        if config is not None and not isinstance(config, dict):
+            raise InvalidInputError("config", "must be a dict (a LangGraph RunnableConfig)")
+        cfg: dict[str, Any] = dict(config or {})
+        configurable = cfg.get("configurable") or {}
+        if not isinstance(configurable, dict):
+            raise InvalidInputError("config", "configurable must be a dict")
+        cfg["configurable"] = dict(configurable)
+        given = thread_id if thread_id is not None else configurable.get("thread_id")
+        return cfg, None if given is None else validation.thread_id(given)
+
+    @staticmethod
+    def _finish(cfg: dict[str, Any], thread: str | None) -> tuple[RunnableConfig, str]:
+        if thread is None:
+            raise InvalidInputError(
+                "config", 'needs {"configurable": {"thread_id": ...}} or user_id='
+            )
+        cfg["configurable"]["thread_id"] = thread
+        return RunnableConfig(**cfg), thread  # type: ignore[typeddict-item]
+
+    def resolve_config(
+        self,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+    ) -> RunnableConfig:
+        """The LangGraph config a call runs with (see the class docstring)."""
+        return self._resolve(config, user_id, thread_id)[0]
+
+    async def aresolve_config(
+        self,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+    ) -> RunnableConfig:
+        """Async :meth:`resolve_config`."""
+        return (await self._aresolve(config, user_id, thread_id))[0]
+
+    def _resolve(
+        self, config: RunnableConfig | None, user_id: str | None, thread_id: str | None
+    ) -> tuple[RunnableConfig, str]:
+        cfg, thread = self._split(config, thread_id)
+        if user_id is not None:
+            sm = self.session_manager
+            session = (
+                sm.get_or_create_user_session(user_id)
+                if thread is None
+                else sm.get_session(user_id, thread)
+            )
+            thread = session.thread_id
+        return self._finish(cfg, thread)
+
+    async def _aresolve(
+        self, config: RunnableConfig | None, user_id: str | None, thread_id: str | None
+    ) -> tuple[RunnableConfig, str]:
+        cfg, thread = self._split(config, thread_id)
+        if user_id is not None:
+            sm = self.async_session_manager
+            session = (
+                await sm.get_or_create_user_session(user_id)
+                if thread is None
+                else await sm.get_session(user_id, thread)
+            )
+            thread = session.thread_id
+        return self._finish(cfg, thread)
+
+    def _strategy(self, run_strategy: RunStrategy | None) -> RunStrategy:
+        strategy = run_strategy or self._run_strategy
+        if strategy not in ("enqueue", "reject"):
+            raise InvalidInputError("run_strategy", "must be 'enqueue' or 'reject'")
+        return strategy
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def invoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+        run_strategy: RunStrategy | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the graph to completion on the thread; LangGraph's arguments pass through.
+
+        Raises:
+            ThreadBusyError: The thread is busy (``reject``), or stayed busy (``enqueue``).
+            SessionNotFoundError: ``thread_id`` is not one of ``user_id``'s sessions.
+            InvalidInputError: No thread could be determined, or a bad argument.
+        """
+        strategy = self._strategy(run_strategy)
+        cfg, thread = self._resolve(config, user_id, thread_id)
+        graph = self._sync_runnable()
+        with self._locks.hold(thread, strategy, self._run_timeout):
+            return graph.invoke(input, cfg, **kwargs)
+
+    def stream(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+        run_strategy: RunStrategy | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """Stream the run (any ``stream_mode``, several at once); holds the thread until the
+        iterator is exhausted or closed. Arguments are checked before iteration starts."""
+        strategy = self._strategy(run_strategy)
+        cfg, thread = self._resolve(config, user_id, thread_id)
+        graph = self._sync_runnable()
+
+        def run() -> Iterator[Any]:
+            with self._locks.hold(thread, strategy, self._run_timeout):
+                yield from graph.stream(input, cfg, **kwargs)
+
+        return run()
+
+    async def ainvoke(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+        run_strategy: RunStrategy | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Async :meth:`invoke`, on the async saver."""
+        strategy = self._strategy(run_strategy)
+        cfg, thread = await self._aresolve(config, user_id, thread_id)
+        async with (
+            self._locks.ahold(thread, strategy, self._run_timeout),
+            self._async_graph() as graph,
+        ):
+            return await graph.ainvoke(input, cfg, **kwargs)
+
+    async def astream(
+        self,
+        input: Any,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+        run_strategy: RunStrategy | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        """Async :meth:`stream`."""
+        strategy = self._strategy(run_strategy)
+        cfg, thread = await self._aresolve(config, user_id, thread_id)
+        async with (
+            self._locks.ahold(thread, strategy, self._run_timeout),
+            self._async_graph() as graph,
+        ):
+            async for chunk in graph.astream(input, cfg, **kwargs):
+                yield chunk
+
+    @asynccontextmanager
+    async def _async_graph(self) -> AsyncIterator[Pregel[Any, Any, Any, Any]]:
+        if self._own_saver is not None:
+            _check_pairing(self._own_saver, want_async=True)
+            yield self._graph_for(self._own_saver)
+            return
+        async with self._checkpointers.async_saver() as saver:
+            yield self._graph_for(saver)
+
+    def continue_execution(
+        self,
+        resume: Any = None,
+        config: RunnableConfig | None = None,
+        *,
+        command: Command[Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Resume a run stopped by ``interrupt()``: ``Command(resume=resume)`` (or ``command``).
+
+        Takes the same keyword arguments as :meth:`invoke`.
+        """
+        return self.invoke(command or Command(resume=resume), config, **kwargs)
+
+    async def acontinue_execution(
+        self,
+        resume: Any = None,
+        config: RunnableConfig | None = None,
+        *,
+        command: Command[Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Async :meth:`continue_execution`."""
+        return await self.ainvoke(command or Command(resume=resume), config, **kwargs)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def get_state(
+        self,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+    ) -> StateSnapshot:
+        """The thread's current state (LangGraph ``StateSnapshot``)."""
+        cfg, _ = self._resolve(config, user_id, thread_id)
+        return self._sync_runnable().get_state(cfg)
+
+    async def aget_state(
+        self,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+    ) -> StateSnapshot:
+        """Async :meth:`get_state`."""
+        cfg, _ = await self._aresolve(config, user_id, thread_id)
+        async with self._async_graph() as graph:
+            return await graph.aget_state(cfg)
+
+    def get_state_history(
+        self,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+        limit: int | None = None,
+    ) -> list[StateSnapshot]:
+        """The thread's checkpoints, newest first (materialized: see LangGraph #8558)."""
+        cfg, _ = self._resolve(config, user_id, thread_id)
+        return list(self._sync_runnable().get_state_history(cfg, limit=limit))
+
+    async def aget_state_history(
+        self,
+        config: RunnableConfig | None = None,
+        *,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+        limit: int | None = None,
+    ) -> list[StateSnapshot]:
+        """Async :meth:`get_state_history`."""
+        cfg, _ = await self._aresolve(config, user_id, thread_id)
+        async with self._async_graph() as graph:
+            return [s async for s in graph.aget_state_history(cfg, limit=limit)]
+
+    def update_state(
+        self,
+        values: dict[str, Any] | Any,
+        config: RunnableConfig | None = None,
+        *,
+        as_node: str | None = None,
+        user_id: str | None = None,
+        thread_id: str | None = None,
+        run_strategy: RunStrategy | None = None,
+    ) -> RunnableConfig:
+        """Write ``values`` to the thread's state as if ``as_node`` ran (under the run lock)."""
+        strategy = self._strategy(run_strategy)
+        cfg, thread = self._resolve(config, user_id, thread_id)
+        graph = self._sync_runnable()
+        with self._locks.hold(thread, strategy, self._run_timeout):
+            return graph.update_state(cfg, values, as_node=as_node)
+
+    # -- deletion -------------------------------------------------------------------------
+
+    def delete_conversation(self, user_id: str, thread_id: str) -> None:
+        """Delete one of the user's sessions and every checkpoint of its thread.
+
+        Raises:
+            SessionNotFoundError: The thread is not one of the user's sessions.
+        """
+        session = self.session_manager.get_session(user_id, thread_id)
+        saver = self._own_saver or self._checkpointers.sync()
+        with self._locks.hold(session.thread_id, "enqueue", self._run_timeout):
+            saver.delete_thread(session.thread_id)
+            self.session_manager.delete_session(user_id, session.thread_id)
+
+    async def adelete_conversation(self, user_id: str, thread_id: str) -> None:
+        """Async :meth:`delete_conversation`."""
+        session = await self.async_session_manager.get_session(user_id, thread_id)
+        async with self._locks.ahold(session.thread_id, "enqueue", self._run_timeout):
+            if self._own_saver is not None:
+                await self._own_saver.adelete_thread(session.thread_id)
+            else:
+                async with self._checkpointers.async_saver() as saver:
+                    await saver.adelete_thread(session.thread_id)
+            await self.async_session_manager.delete_session(user_id, session.thread_id)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connections the agent opened (not a manager or saver you passed)."""
+        self._checkpointers.close()
+        self._locks.close()
+        for manager in self._owned_managers:
+            if isinstance(manager, AgentSessionManager):
+                manager.close()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`, also closing this event loop's async connections."""
+        await self._checkpointers.aclose()
+        await self._locks.aclose()
+        for manager in self._owned_managers:
+            if isinstance(manager, AsyncAgentSessionManager):
+                await manager.close()
+        self.close()
+
+    def __enter__(self) -> BaseAgent:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> BaseAgent:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r}>"

@@ -1,0 +1,209 @@
+"""The agent's LangGraph checkpoint savers, opened on the same database as the sessions.
+
+Only LangGraph's own savers are used: ``PostgresSaver`` / ``AsyncPostgresSaver``,
+``SqliteSaver`` / ``AsyncSqliteSaver``, and ``InMemorySaver`` (the ``memory://`` backend and
+the fallback when the database is unreachable). Sync calls get a sync saver and async calls
+an async one on the same tables, so a conversation can move between ``invoke`` and
+``ainvoke``.
+
+LangGraph's ``setup()`` is not safe to run from several processes at once on an empty
+PostgreSQL database; here it runs under bssagent's migration lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+
+from ..config import Settings, StorageTarget, redact_url, resolve_target
+from ..errors import StorageUnavailableError
+
+logger = logging.getLogger("bssagent.agent")
+
+Saver = BaseCheckpointSaver[Any]
+
+
+class Checkpointers:
+    """Lazily opened savers for one database: one sync, and async ones per event loop.
+
+    Args:
+        settings: Where the data lives (the session manager's settings).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.target: StorageTarget = resolve_target(settings)
+        self._lock = threading.RLock()
+        self._sync: Saver | None = None
+        self._sync_resource: Any = None
+        self._memory: InMemorySaver | None = None
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Saver, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._degraded_reason: str | None = None
+
+    @property
+    def is_degraded(self) -> bool:
+        """True when an unreachable database made the savers fall back to memory."""
+        return self._degraded_reason is not None
+
+    def _fallback(self, exc: StorageUnavailableError) -> InMemorySaver:
+        if self.settings.fallback == "raise":
+            raise exc
+        with self._lock:
+            if self._degraded_reason is None:
+                self._degraded_reason = type(exc.__cause__ or exc).__name__
+                logger.warning(
+                    "bssagent: checkpoint storage unavailable (%s, %s); conversations are kept "
+                    "in memory only",
+                    self._degraded_reason,
+                    redact_url(self.target.url),
+                )
+            return self._memory_saver()
+
+    def _memory_saver(self) -> InMemorySaver:
+        with self._lock:
+            if self._memory is None:
+                self._memory = InMemorySaver()
+            return self._memory
+
+    # -- sync -----------------------------------------------------------------------------
+
+    def sync(self) -> Saver:
+        """The sync saver, opened (and set up) on first use."""
+        with self._lock:
+            if self._sync is None:
+                try:
+                    self._sync, self._sync_resource = self._open_sync()
+                except StorageUnavailableError as exc:
+                    self._sync = self._fallback(exc)
+            return self._sync
+
+    def _open_sync(self) -> tuple[Saver, Any]:
+        if self.target.backend == "memory":
+            return self._memory_saver(), None
+        if self.target.backend == "sqlite":
+            from langgraph.checkpoint.sqlite import SqliteSaver
+
+            conn = sqlite3.connect(self._sqlite_path(), check_same_thread=False, timeout=10.0)
+            sqlite_saver = SqliteSaver(conn)
+            sqlite_saver.setup()
+            return sqlite_saver, conn
+        from langgraph.checkpoint.postgres import PostgresSaver
+        from psycopg import Connection
+        from psycopg_pool import ConnectionPool
+
+        from ..sessions.storage.postgres_common import connection_kwargs, wrap_errors
+        from ..sessions.storage.postgres_sync import migration_lock
+
+        s, url = self.settings, self.target.url
+        kwargs = connection_kwargs(s.connect_timeout, s.prepare_threshold)
+        with wrap_errors():
+            Connection.connect(url or "", **kwargs).close()  # fail fast when refused
+            pool: ConnectionPool[Any] = ConnectionPool(
+                url or "",
+                min_size=1,
+                max_size=max(2, s.pool_max_size),
+                timeout=s.pool_timeout,
+                kwargs=kwargs,
+                check=ConnectionPool.check_connection,
+                open=False,
+                name="bssagent-checkpoints",
+            )
+            pool.open(wait=True, timeout=s.connect_timeout + 1)
+            saver = PostgresSaver(pool)
+            with pool.connection() as conn, migration_lock(conn, s.migration_lock_timeout):
+                saver.setup()
+        return saver, pool
+
+    def _sqlite_path(self) -> str:
+        path = Path(self.target.path or self.settings.sqlite_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    # -- async ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def async_saver(self) -> AsyncIterator[Saver]:
+        """An async saver for the running event loop, for the duration of one run.
+
+        PostgreSQL savers (and their pools) are kept per event loop until :meth:`aclose`;
+        a SQLite one is opened per run, because an ``aiosqlite`` connection left open when
+        its loop closes keeps the process from exiting.
+        """
+        if self.target.backend == "memory" or self._memory is not None:
+            yield self._memory_saver()
+            return
+        if self.target.backend == "sqlite":
+            import aiosqlite
+            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+            async with aiosqlite.connect(self._sqlite_path(), timeout=10.0) as conn:
+                saver = AsyncSqliteSaver(conn)
+                await saver.setup()
+                yield saver
+            return
+        loop = asyncio.get_running_loop()
+        entry = self._async.get(loop)
+        if entry is None:
+            try:
+                entry = await self._open_async_postgres()
+            except StorageUnavailableError as exc:
+                yield self._fallback(exc)
+                return
+            self._async[loop] = entry
+        yield entry[0]
+
+    async def _open_async_postgres(self) -> tuple[Saver, Any]:
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        from psycopg import AsyncConnection
+        from psycopg_pool import AsyncConnectionPool
+
+        from ..sessions.storage.postgres_async import migration_lock
+        from ..sessions.storage.postgres_common import connection_kwargs, wrap_errors
+
+        s, url = self.settings, self.target.url or ""
+        kwargs = connection_kwargs(s.connect_timeout, s.prepare_threshold)
+        with wrap_errors():
+            await (await AsyncConnection.connect(url, **kwargs)).close()
+            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                url,
+                min_size=1,
+                max_size=max(2, s.pool_max_size),
+                timeout=s.pool_timeout,
+                kwargs=kwargs,
+                check=AsyncConnectionPool.check_connection,
+                open=False,
+                name="bssagent-checkpoints",
+            )
+            await pool.open(wait=True, timeout=s.connect_timeout + 1)
+            saver = AsyncPostgresSaver(pool)
+            async with pool.connection() as conn, migration_lock(conn, s.migration_lock_timeout):
+                await saver.setup()
+        return saver, pool
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the sync saver's connections. Idempotent."""
+        with self._lock:
+            resource, self._sync, self._sync_resource = self._sync_resource, None, None
+        if resource is not None:
+            resource.close()
+
+    async def aclose(self) -> None:
+        """Close the running loop's async saver, then the sync one. Idempotent."""
+        entry = self._async.pop(asyncio.get_running_loop(), None)
+        if entry is not None and entry[1] is not None:
+            await entry[1].close()
+        self.close()

@@ -1,0 +1,268 @@
+"""Per-thread run locks: two runs on one conversation thread never interleave.
+
+LangGraph's open-source runtime lets two concurrent runs on one ``thread_id`` fork from
+the same parent checkpoint, and one run's updates are lost. bssagent serializes runs per
+thread: with PostgreSQL through a session-level advisory lock (held on a dedicated
+connection for the run, so it spans processes and replicas and is released if the process
+dies), otherwise through an in-process lock.
+
+Strategies: ``"enqueue"`` waits (up to a timeout) for the running run to finish;
+``"reject"`` raises :class:`~bssagent.errors.ThreadBusyError` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractContextManager,
+    AsyncExitStack,
+    ExitStack,
+    asynccontextmanager,
+    contextmanager,
+    suppress,
+)
+from typing import Any, Literal
+
+from ..config import Settings, resolve_target
+from ..errors import StorageUnavailableError, ThreadBusyError
+
+RunStrategy = Literal["enqueue", "reject"]
+_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('bssagent-run:' || %s, 0)) AS ok"
+_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('bssagent-run:' || %s, 0))"
+_FIRST_POLL, _MAX_POLL = 0.002, 0.05
+
+
+def wrap_errors() -> AbstractContextManager[None]:
+    # Imported lazily: psycopg is an optional extra, needed only with PostgreSQL.
+    from ..sessions.storage.postgres_common import wrap_errors as wrap
+
+    return wrap()
+
+
+def _busy(thread_id: str, strategy: RunStrategy, timeout: float) -> ThreadBusyError:
+    if strategy == "reject":
+        return ThreadBusyError(f"a run is already in progress on thread {thread_id!r}")
+    return ThreadBusyError(f"thread {thread_id!r} stayed busy for {timeout:g} s")
+
+
+class _LocalLocks:
+    """One ``threading.Lock`` per thread id, dropped when no run holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    def _ref(self, thread_id: str) -> threading.Lock:
+        with self._guard:
+            lock, users = self._locks.get(thread_id, (threading.Lock(), 0))
+            self._locks[thread_id] = (lock, users + 1)
+            return lock
+
+    def _unref(self, thread_id: str) -> None:
+        with self._guard:
+            lock, users = self._locks[thread_id]
+            if users == 1:
+                del self._locks[thread_id]
+            else:
+                self._locks[thread_id] = (lock, users - 1)
+
+    @contextmanager
+    def hold(self, thread_id: str, strategy: RunStrategy, timeout: float) -> Iterator[None]:
+        lock = self._ref(thread_id)
+        try:
+            if strategy == "reject":
+                acquired = lock.acquire(blocking=False)
+            else:
+                acquired = lock.acquire(timeout=timeout)
+            if not acquired:
+                raise _busy(thread_id, strategy, timeout)
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._unref(thread_id)
+
+    @asynccontextmanager
+    async def ahold(
+        self, thread_id: str, strategy: RunStrategy, timeout: float
+    ) -> AsyncIterator[None]:
+        lock = self._ref(thread_id)
+        try:
+            deadline, pause = time.monotonic() + timeout, _FIRST_POLL
+            # Polling keeps the event loop free; a blocking acquire would stall it.
+            while not lock.acquire(blocking=False):
+                if strategy == "reject" or time.monotonic() >= deadline:
+                    raise _busy(thread_id, strategy, timeout)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_POLL)
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._unref(thread_id)
+
+
+class RunLocks:
+    """Run locks for one database (see the module docstring).
+
+    Args:
+        settings: Where the data lives; PostgreSQL gets cross-process locks.
+        pool_size: Connections for holding PostgreSQL locks: the most concurrent runs per
+            process (and per event loop) before new runs wait for a connection.
+        degraded: Tells whether the database is known to be down (then locks are local).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool_size: int = 32,
+        degraded: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._settings = settings
+        self._degraded = degraded
+        self._target = resolve_target(settings)
+        self._pool_size = pool_size
+        self._local = _LocalLocks()
+        self._sync_pool: Any = None
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._guard = threading.Lock()
+
+    @property
+    def cross_process(self) -> bool:
+        """Whether locks hold across processes (PostgreSQL, while it is reachable)."""
+        return self._target.backend == "postgres" and not self._degraded()
+
+    def _kwargs(self) -> dict[str, Any]:
+        from ..sessions.storage.postgres_common import connection_kwargs
+
+        s = self._settings
+        return connection_kwargs(s.connect_timeout, s.prepare_threshold)
+
+    @contextmanager
+    def hold(self, thread_id: str, strategy: RunStrategy, timeout: float) -> Iterator[None]:
+        """Hold ``thread_id``'s run lock for the duration of the block.
+
+        Errors raised inside the block pass through unchanged. If PostgreSQL is unreachable
+        and the fallback is ``memory``, the lock degrades to an in-process one.
+        """
+        if not self.cross_process:
+            with self._local.hold(thread_id, strategy, timeout):
+                yield
+            return
+        with ExitStack() as stack:
+            try:
+                with wrap_errors():
+                    conn = stack.enter_context(self._sync_lock_pool().connection())
+                    deadline, pause = time.monotonic() + timeout, _FIRST_POLL
+                    while not conn.execute(_TRY_LOCK, (thread_id,)).fetchone()["ok"]:
+                        if strategy == "reject" or time.monotonic() >= deadline:
+                            raise _busy(thread_id, strategy, timeout)
+                        time.sleep(pause)
+                        pause = min(pause * 2, _MAX_POLL)
+            except StorageUnavailableError:
+                if self._settings.fallback == "raise":
+                    raise
+                conn = None
+            if conn is None:
+                stack.enter_context(self._local.hold(thread_id, strategy, timeout))
+                yield
+                return
+            try:
+                yield
+            finally:
+                with suppress(Exception):  # a dead connection has released the lock already
+                    conn.execute(_UNLOCK, (thread_id,))
+
+    def _sync_lock_pool(self) -> Any:
+        from psycopg_pool import ConnectionPool
+
+        with self._guard:
+            if self._sync_pool is None:
+                self._sync_pool = ConnectionPool(
+                    self._target.url or "",
+                    min_size=0,
+                    max_size=self._pool_size,
+                    timeout=self._settings.pool_timeout,
+                    kwargs=self._kwargs(),
+                    check=ConnectionPool.check_connection,
+                    name="bssagent-run-locks",
+                )
+            return self._sync_pool
+
+    async def _async_lock_pool(self) -> Any:
+        from psycopg_pool import AsyncConnectionPool
+
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            pool = AsyncConnectionPool(
+                self._target.url or "",
+                min_size=0,
+                max_size=self._pool_size,
+                timeout=self._settings.pool_timeout,
+                kwargs=self._kwargs(),
+                check=AsyncConnectionPool.check_connection,
+                open=False,
+                name="bssagent-run-locks",
+            )
+            await pool.open()
+            self._pools[loop] = pool
+        return pool
+
+    @asynccontextmanager
+    async def ahold(
+        self, thread_id: str, strategy: RunStrategy, timeout: float
+    ) -> AsyncIterator[None]:
+        """Async :meth:`hold`: waiting never blocks the event loop."""
+        if not self.cross_process:
+            async with self._local.ahold(thread_id, strategy, timeout):
+                yield
+            return
+        async with AsyncExitStack() as stack:
+            try:
+                with wrap_errors():
+                    pool = await self._async_lock_pool()
+                    conn = await stack.enter_async_context(pool.connection())
+                    deadline, pause = time.monotonic() + timeout, _FIRST_POLL
+                    while not (await (await conn.execute(_TRY_LOCK, (thread_id,))).fetchone())[
+                        "ok"
+                    ]:
+                        if strategy == "reject" or time.monotonic() >= deadline:
+                            raise _busy(thread_id, strategy, timeout)
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, _MAX_POLL)
+            except StorageUnavailableError:
+                if self._settings.fallback == "raise":
+                    raise
+                conn = None
+            if conn is None:
+                await stack.enter_async_context(self._local.ahold(thread_id, strategy, timeout))
+                yield
+                return
+            try:
+                yield
+            finally:
+                with suppress(Exception):
+                    await conn.execute(_UNLOCK, (thread_id,))
+
+    def close(self) -> None:
+        """Close the sync lock pool. Idempotent."""
+        with self._guard:
+            pool, self._sync_pool = self._sync_pool, None
+        if pool is not None:
+            pool.close()
+
+    async def aclose(self) -> None:
+        """Close the running loop's lock pool, then the sync one. Idempotent."""
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            await pool.close()
+        self.close()
