@@ -66,8 +66,12 @@ async def bssagent_error(request: Request, exc: BssAgentError) -> JSONResponse:
 async def chat(body: ChatRequest, user: User) -> StreamingResponse:
     """Stream the agent's reply in the user's current (or chosen) session, as SSE."""
     sessions: AsyncAgentSessionManager = app.state.sessions
+    # Resolve the session before the response starts, so a bad user id is a 400 and a
+    # thread that is not the user's is a 404 (inside the stream, only an SSE error is left).
     if body.thread_id is None:
-        await sessions.get_or_create_user_session(user)  # validates the user id up front
+        await sessions.get_or_create_user_session(user)
+    else:
+        await sessions.get_session(user, body.thread_id)
     stream = stream_sse(
         app.state.agent, {"messages": [body.message]}, user_id=user, thread_id=body.thread_id
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -19,6 +20,8 @@ from ..errors import ConfigurationError, InvalidInputError
 from ..sessions import validation
 from ..sessions.manager_async import AsyncAgentSessionManager
 from ..sessions.manager_sync import AgentSessionManager
+from ..sessions.storage.memory import MemoryStore
+from ..sessions.storage.offload import AsyncOffloaded
 from .checkpointers import Checkpointers, Saver
 from .run_lock import RunLocks, RunStrategy
 
@@ -89,6 +92,7 @@ class BaseAgent(abc.ABC):
         self._sm: AgentSessionManager | None = None
         self._asm: AsyncAgentSessionManager | None = None
         self._owned_managers: list[AgentSessionManager | AsyncAgentSessionManager] = []
+        self._manager_lock = threading.Lock()
         if isinstance(session_manager, AgentSessionManager):
             self._sm = session_manager
         elif isinstance(session_manager, AsyncAgentSessionManager):
@@ -153,18 +157,32 @@ class BaseAgent(abc.ABC):
     @property
     def session_manager(self) -> AgentSessionManager:
         """The sync session registry used for ``user_id=`` calls."""
-        if self._sm is None:
-            self._sm = AgentSessionManager(settings=self.settings)
-            self._owned_managers.append(self._sm)
-        return self._sm
+        with self._manager_lock:
+            if self._sm is None:
+                # On memory:// the twins must share one store, or a conversation started
+                # with ainvoke would be invisible to invoke.
+                shared = self._asm.store if self._asm is not None else None
+                self._sm = AgentSessionManager(
+                    settings=self.settings,
+                    store=shared.sync if isinstance(shared, AsyncOffloaded) else None,
+                )
+                self._owned_managers.append(self._sm)
+            return self._sm
 
     @property
     def async_session_manager(self) -> AsyncAgentSessionManager:
         """The async session registry used for ``user_id=`` calls of async methods."""
-        if self._asm is None:
-            self._asm = AsyncAgentSessionManager(settings=self.settings)
-            self._owned_managers.append(self._asm)
-        return self._asm
+        with self._manager_lock:
+            if self._asm is None:
+                shared = self._sm.store if self._sm is not None else None
+                self._asm = AsyncAgentSessionManager(
+                    settings=self.settings,
+                    store=AsyncOffloaded(shared, offload=False)
+                    if isinstance(shared, MemoryStore)
+                    else None,
+                )
+                self._owned_managers.append(self._asm)
+            return self._asm
 
     @property
     def is_degraded(self) -> bool:
@@ -309,9 +327,11 @@ class BaseAgent(abc.ABC):
         """Async :meth:`invoke`, on the async saver."""
         strategy = self._strategy(run_strategy)
         cfg, thread = await self._aresolve(config, user_id, thread_id)
+        # The saver first: it finds out whether the database is reachable, which decides
+        # whether the run lock is PostgreSQL's or a local one.
         async with (
-            self._locks.ahold(thread, strategy, self._run_timeout),
             self._async_graph() as graph,
+            self._locks.ahold(thread, strategy, self._run_timeout),
         ):
             return await graph.ainvoke(input, cfg, **kwargs)
 
@@ -324,13 +344,15 @@ class BaseAgent(abc.ABC):
         thread_id: str | None = None,
         run_strategy: RunStrategy | None = None,
         **kwargs: Any,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Async :meth:`stream`."""
         strategy = self._strategy(run_strategy)
         cfg, thread = await self._aresolve(config, user_id, thread_id)
+        # The saver first: it finds out whether the database is reachable, which decides
+        # whether the run lock is PostgreSQL's or a local one.
         async with (
-            self._locks.ahold(thread, strategy, self._run_timeout),
             self._async_graph() as graph,
+            self._locks.ahold(thread, strategy, self._run_timeout),
         ):
             async for chunk in graph.astream(input, cfg, **kwargs):
                 yield chunk
@@ -453,6 +475,8 @@ class BaseAgent(abc.ABC):
     async def adelete_conversation(self, user_id: str, thread_id: str) -> None:
         """Async :meth:`delete_conversation`."""
         session = await self.async_session_manager.get_session(user_id, thread_id)
+        if self._own_saver is not None:
+            _check_pairing(self._own_saver, want_async=True)
         async with self._locks.ahold(session.thread_id, "enqueue", self._run_timeout):
             if self._own_saver is not None:
                 await self._own_saver.adelete_thread(session.thread_id)
@@ -464,7 +488,11 @@ class BaseAgent(abc.ABC):
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connections the agent opened (not a manager or saver you passed)."""
+        """Close the connections the agent opened (not a manager or saver you passed).
+
+        The agent stays usable: a later call opens what it needs again.
+        """
+        self._sync_graph = None
         self._checkpointers.close()
         self._locks.close()
         for manager in self._owned_managers:

@@ -194,6 +194,7 @@ class RunLocks:
                     kwargs=self._kwargs(),
                     check=ConnectionPool.check_connection,
                     name="bssagent-run-locks",
+                    open=True,
                 )
             return self._sync_pool
 

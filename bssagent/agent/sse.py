@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -53,17 +54,18 @@ async def stream_sse(
         resolved = await agent.aresolve_config(
             config, user_id=kwargs.pop("user_id", None), thread_id=kwargs.pop("thread_id", None)
         )
-        async for mode, payload in agent.astream(
-            input, resolved, stream_mode=["messages", "values"], **kwargs
-        ):
-            if mode == "messages":
-                message = payload[0]
-                if isinstance(message, AIMessageChunk) and _text(message):
-                    yield format_sse("token", {"content": _text(message)})
-            elif mode == "values" and isinstance(payload, dict):
-                messages = payload.get("messages") or []
-                if messages and isinstance(messages[-1], AIMessage):
-                    final = messages[-1]
+        run = agent.astream(input, resolved, stream_mode=["messages", "values"], **kwargs)
+        # aclosing: when the client goes away, the run (and its thread lock) ends at once.
+        async with aclosing(run) as chunks:
+            async for mode, payload in chunks:
+                if mode == "messages":
+                    message = payload[0]
+                    if isinstance(message, AIMessageChunk) and _text(message):
+                        yield format_sse("token", {"content": _text(message)})
+                elif mode == "values" and isinstance(payload, dict):
+                    messages = payload.get("messages") or []
+                    if messages and isinstance(messages[-1], AIMessage):
+                        final = messages[-1]
         thread_id = resolved["configurable"]["thread_id"]
         yield format_sse(
             "final", {"thread_id": thread_id, "content": _text(final) if final else ""}

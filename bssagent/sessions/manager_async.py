@@ -68,6 +68,8 @@ class AsyncAgentSessionManager:
         fallback: ``"memory"`` or ``"raise"`` (see above).
         settings: A :class:`~bssagent.config.Settings` to start from instead of the
             environment.
+        store: A storage backend to use instead of the one the settings name (any object
+            satisfying the storage contract in :mod:`bssagent.sessions.storage.base`).
         **options: Any other :class:`~bssagent.config.Settings` field
             (``connect_timeout``, ``pool_max_size``, ``prepare_threshold``, ...).
 
@@ -85,6 +87,7 @@ class AsyncAgentSessionManager:
         cache_ttl: float | None = None,
         fallback: str | None = None,
         settings: Settings | None = None,
+        store: AsyncSessionStore | None = None,
         **options: Any,
     ) -> None:
         resolved = build_settings(
@@ -100,7 +103,7 @@ class AsyncAgentSessionManager:
             },
         )
         self._state = ManagerState(resolved)
-        self._store = _open_store(self._state)
+        self._store = store if store is not None else _open_store(self._state)
         self._ready = False
         self._setup_lock = asyncio.Lock()  # sync: self._setup_lock = threading.Lock()
         self._closed = False
@@ -121,6 +124,11 @@ class AsyncAgentSessionManager:
     def backend(self) -> str:
         """The configured backend: ``"postgres"``, ``"sqlite"`` or ``"memory"``."""
         return self._state.target.backend
+
+    @property
+    def store(self) -> AsyncSessionStore:
+        """The storage backend (the contract of :mod:`bssagent.sessions.storage.base`)."""
+        return self._store
 
     @property
     def location(self) -> str:

@@ -69,6 +69,8 @@ class AgentSessionManager:
         fallback: ``"memory"`` or ``"raise"`` (see above).
         settings: A :class:`~bssagent.config.Settings` to start from instead of the
             environment.
+        store: A storage backend to use instead of the one the settings name (any object
+            satisfying the storage contract in :mod:`bssagent.sessions.storage.base`).
         **options: Any other :class:`~bssagent.config.Settings` field
             (``connect_timeout``, ``pool_max_size``, ``prepare_threshold``, ...).
 
@@ -86,6 +88,7 @@ class AgentSessionManager:
         cache_ttl: float | None = None,
         fallback: str | None = None,
         settings: Settings | None = None,
+        store: SessionStore | None = None,
         **options: Any,
     ) -> None:
         resolved = build_settings(
@@ -101,7 +104,7 @@ class AgentSessionManager:
             },
         )
         self._state = ManagerState(resolved)
-        self._store = _open_store(self._state)
+        self._store = store if store is not None else _open_store(self._state)
         self._ready = False
         self._setup_lock = threading.Lock()
         self._closed = False
@@ -122,6 +125,11 @@ class AgentSessionManager:
     def backend(self) -> str:
         """The configured backend: ``"postgres"``, ``"sqlite"`` or ``"memory"``."""
         return self._state.target.backend
+
+    @property
+    def store(self) -> SessionStore:
+        """The storage backend (the contract of :mod:`bssagent.sessions.storage.base`)."""
+        return self._store
 
     @property
     def location(self) -> str:
