@@ -158,16 +158,16 @@ class AsyncAgentSessionManager:
         try:
             if not self._ready:
                 await self._setup()
-            result = await primary(self._store)
+            if state.degraded:
+                # Before the call, so that it sees what was written while degraded.
+                await self._reconcile()
+            return await primary(self._store)
         except StorageUnavailableError as exc:
             if state.settings.fallback == "raise":
                 raise
             if state.enter_degraded(exc):
                 await self._store.close()
             return fallback(state.memory)
-        if state.degraded:
-            await self._reconcile()
-        return result
 
     async def _setup(self) -> None:
         async with self._setup_lock:
@@ -177,7 +177,9 @@ class AsyncAgentSessionManager:
 
     async def _reconcile(self) -> None:
         """The database is back: write the sessions made in memory, then leave degraded mode."""
-        sessions = self._state.memory.sessions()
+        # Ended sessions first: a chat started during the outage replaces the old current
+        # one only once the old one's deactivation is written.
+        sessions = sorted(self._state.memory.sessions(), key=lambda s: s.is_active)
         for session in sessions:
             await self._store.adopt(session)
         self._state.leave_degraded(len(sessions))

@@ -159,16 +159,16 @@ class AgentSessionManager:
         try:
             if not self._ready:
                 self._setup()
-            result = primary(self._store)
+            if state.degraded:
+                # Before the call, so that it sees what was written while degraded.
+                self._reconcile()
+            return primary(self._store)
         except StorageUnavailableError as exc:
             if state.settings.fallback == "raise":
                 raise
             if state.enter_degraded(exc):
                 self._store.close()
             return fallback(state.memory)
-        if state.degraded:
-            self._reconcile()
-        return result
 
     def _setup(self) -> None:
         with self._setup_lock:
@@ -178,7 +178,9 @@ class AgentSessionManager:
 
     def _reconcile(self) -> None:
         """The database is back: write the sessions made in memory, then leave degraded mode."""
-        sessions = self._state.memory.sessions()
+        # Ended sessions first: a chat started during the outage replaces the old current
+        # one only once the old one's deactivation is written.
+        sessions = sorted(self._state.memory.sessions(), key=lambda s: s.is_active)
         for session in sessions:
             self._store.adopt(session)
         self._state.leave_degraded(len(sessions))

@@ -88,11 +88,12 @@ class SessionStore(Protocol):
         """A page of the user's sessions (active or not), newest first."""
 
     def adopt(self, session: UserSession) -> UserSession:
-        """Store a session created elsewhere (the memory fallback) idempotently.
+        """Store a session written elsewhere (the memory fallback), idempotently.
 
-        If the thread is already stored, return the stored row. If the user meanwhile got
-        another current session, the database wins: the adopted one is stored inactive
-        with ``metadata["bssagent_merged"] = True``.
+        Follows :func:`~.adoption.plan_adoption`: the newer ``updated_at`` wins for a stored
+        thread; a user never gets two current sessions, and if the user meanwhile got
+        another current session, that one stays current and the adopted one is stored
+        inactive with ``metadata["bssagent_merged"] = True``.
         """
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ..model import UserSession, freeze
+from .adoption import plan_adoption
 
 
 def utcnow_after(previous: datetime | None = None) -> datetime:
@@ -118,23 +119,25 @@ class MemoryStore:
 
     def adopt(self, session: UserSession) -> UserSession:
         with self._lock:
-            existing = self._by_thread.get(session.thread_id)
-            if existing is not None:
-                return existing
             key = (session.namespace, session.user_id)
-            if session.is_active and key in self._current:
-                session = session.model_copy(
-                    update={
-                        "is_active": False,
-                        "metadata": freeze({**session.metadata, "bssagent_merged": True}),
-                    }
-                )
-            session = session.model_copy(update={"id": self._next_id})
-            self._next_id += 1
-            self._by_thread[session.thread_id] = session
-            if session.is_active:
+            stored = self._by_thread.get(session.thread_id)
+            current_thread = self._current.get(key)
+            current = self._by_thread[current_thread] if current_thread else None
+            plan = plan_adoption(session, stored, current)
+            if plan.action == "keep":
+                assert stored is not None
+                return stored
+            changes = {"is_active": plan.is_active, "metadata": freeze(plan.metadata)}
+            if stored is None:
+                changes["id"] = self._next_id
+                self._next_id += 1
+            adopted = session.model_copy(update=changes)
+            self._by_thread[session.thread_id] = adopted
+            if plan.is_active:
                 self._current[key] = session.thread_id
-            return session
+            elif current_thread == session.thread_id:
+                del self._current[key]
+            return adopted
 
     def sessions(self) -> list[UserSession]:
         """Every stored session, oldest first (used to reconcile after a fallback)."""

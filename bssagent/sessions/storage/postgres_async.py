@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from ...errors import MigrationError, StorageError, StorageUnavailableError
 from .. import migrations
 from ..model import UserSession
+from .adoption import plan_adoption
 from .postgres_common import (
     MIGRATION_LOCK_KEY,
     build_queries,
@@ -287,25 +288,33 @@ class AsyncPostgresStore:
             )
             cur = await conn.execute(self._q.by_thread, (session.thread_id,))
             row = await cur.fetchone()
-            if row is not None:
-                return to_session(row)
+            stored = to_session(row) if row else None
             cur = await conn.execute(self._q.current, (session.namespace, session.user_id))
-            taken = await cur.fetchone() is not None
-            metadata = session.metadata
-            if session.is_active and taken:
-                metadata = {**metadata, "bssagent_merged": True}
-            cur = await conn.execute(
-                self._q.insert_full,
-                (
+            row = await cur.fetchone()
+            plan = plan_adoption(session, stored, to_session(row) if row else None)
+            if stored is not None and plan.action == "keep":
+                return stored
+            if stored is not None:
+                params: tuple[Any, ...] = (
+                    session.title,
+                    jsonb(plan.metadata),
+                    plan.is_active,
+                    session.updated_at,
+                    stored.id,
+                )
+                cur = await conn.execute(self._q.overwrite, params)
+            else:
+                params = (
                     session.namespace,
                     session.user_id,
                     session.thread_id,
                     session.title,
-                    jsonb(metadata),
+                    jsonb(plan.metadata),
                     session.created_at,
-                    session.is_active and not taken,
-                ),
-            )
+                    session.updated_at,
+                    plan.is_active,
+                )
+                cur = await conn.execute(self._q.insert_full, params)
             row = await cur.fetchone()
         assert row is not None
         return to_session(row)

@@ -83,6 +83,7 @@ class Queries:
     insert_if_no_current: sql.Composed
     insert: sql.Composed
     insert_full: sql.Composed
+    overwrite: sql.Composed
     lock_user: sql.SQL
     deactivate_current: sql.Composed
     activate: sql.Composed
@@ -122,7 +123,11 @@ def build_queries(table: str) -> Queries:
         ),
         insert_full=q(
             "INSERT INTO {t} (namespace, user_id, thread_id, title, metadata, created_at,"
-            " is_active) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {cols}"
+            " updated_at, is_active) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {cols}"
+        ),
+        overwrite=q(
+            "UPDATE {t} SET title = %s, metadata = %s, is_active = %s, updated_at = %s"
+            " WHERE id = %s RETURNING {cols}"
         ),
         # Serializes create/switch per user; transaction-scoped, so it works behind poolers.
         lock_user=sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -20,11 +21,13 @@ from typing import Any
 from ...errors import MigrationError, StorageError, StorageUnavailableError
 from .. import migrations
 from ..model import UserSession
+from .adoption import plan_adoption
 from .memory import utcnow_after
 
 _COLUMNS = "id, namespace, user_id, thread_id, title, metadata, created_at, updated_at, is_active"
 # sqlite3 reports "cannot reach the file" as OperationalError with one of these messages.
-_UNAVAILABLE = ("unable to open", "disk i/o error", "database is locked", "readonly database")
+# "database is locked" is contention, not an outage: it must never trigger the fallback.
+_UNAVAILABLE = ("unable to open", "disk i/o error", "readonly database")
 
 
 def _quote(identifier: str) -> str:
@@ -92,10 +95,28 @@ class SqliteStore:
                 check_same_thread=False,
             )
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             self._conn = conn
         return self._conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL, waiting for other processes doing the same.
+
+        Changing the journal mode needs an exclusive lock, and SQLite fails that at once
+        with "database is locked" instead of waiting out ``busy_timeout``: retry ourselves.
+        """
+        deadline, pause = time.monotonic() + self._busy_timeout, 0.005
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() == "wal" or time.monotonic() > deadline:
+                    return  # a file system without WAL support keeps its mode
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def setup(self) -> None:
         """Apply pending migrations, one ``BEGIN IMMEDIATE`` transaction per file.
@@ -172,6 +193,7 @@ class SqliteStore:
         on_conflict: str = "",
         is_active: bool = True,
         created_at: datetime | None = None,
+        updated_at: datetime | None = None,
     ) -> UserSession | None:
         now = utcnow_after().isoformat()
         row = cur.execute(
@@ -185,7 +207,7 @@ class SqliteStore:
                 title,
                 json.dumps(metadata),
                 created_at.isoformat() if created_at else now,
-                now,
+                updated_at.isoformat() if updated_at else now,
                 int(is_active),
             ),
         ).fetchone()
@@ -298,31 +320,37 @@ class SqliteStore:
 
     def adopt(self, session: UserSession) -> UserSession:
         with self._cursor(write=True) as cur:
-            existing = cur.execute(
+            row = cur.execute(
                 f"SELECT {_COLUMNS} FROM {self._t} WHERE thread_id = ?", (session.thread_id,)
             ).fetchone()
-            if existing:
-                return _row(existing)
-            active = session.is_active and (
-                self._select_current(cur, session.namespace, session.user_id) is None
-            )
-            metadata = (
-                session.metadata
-                if active or not session.is_active
-                else {
-                    **session.metadata,
-                    "bssagent_merged": True,
-                }
-            )
+            stored = _row(row) if row else None
+            current = self._select_current(cur, session.namespace, session.user_id)
+            plan = plan_adoption(session, stored, current)
+            if stored is not None and plan.action == "keep":
+                return stored
+            if stored is not None:
+                row = cur.execute(
+                    f"UPDATE {self._t} SET title = ?, metadata = ?, is_active = ?, updated_at = ?"
+                    f" WHERE id = ? RETURNING {_COLUMNS}",
+                    (
+                        session.title,
+                        json.dumps(plan.metadata),
+                        int(plan.is_active),
+                        session.updated_at.isoformat(),
+                        stored.id,
+                    ),
+                ).fetchone()
+                return _row(row)
             adopted = self._insert(
                 cur,
                 session.namespace,
                 session.user_id,
                 session.title,
-                metadata,
+                plan.metadata,
                 session.thread_id,
-                is_active=active,
+                is_active=plan.is_active,
                 created_at=session.created_at,
+                updated_at=session.updated_at,
             )
             assert adopted is not None
             return adopted
