@@ -375,6 +375,28 @@ def test_bssagent_demo_twice_continues_every_conversation(tmp_path: Path) -> Non
     assert all(len(t) == 1 for t in demo_threads(first).values())
 
 
+def test_bssagent_chat_talks_starts_a_new_chat_and_remembers(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bssagent.cli", "chat", "--user", "dora"]
+    env = clean_env()
+    first = subprocess.run(
+        command, cwd=tmp_path, env=env, input="hello\nagain\n/new\nfresh start\n\n",
+        capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    threads = re.findall(r"thread (" + THREAD_RE + ")", first.stdout)
+    assert len(threads) == 2
+    assert threads[0] != threads[1]
+    turns = re.findall(r"This is turn (\d+)", first.stdout)
+    assert turns == ["1", "2", "1"]  # /new starts a conversation of its own
+    second = subprocess.run(
+        command, cwd=tmp_path, env=env, input="back\n", capture_output=True, text=True,
+        timeout=PROCESS_TIMEOUT,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert f"thread {threads[1]}" in second.stdout  # the current chat, after a restart
+    assert re.findall(r"This is turn (\d+)", second.stdout) == ["2"]
+
+
 # -- stream_sse -----------------------------------------------------------------------------
 
 
