@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -56,6 +57,22 @@ def table_name() -> Iterator[str]:
                     conn.execute("DELETE FROM bssagent_migrations WHERE target = %s", (name,))
         except psycopg.OperationalError:
             pass
+
+
+@pytest.fixture
+def fresh_database(pg_url: str) -> Iterator[str]:
+    """A brand-new, empty PostgreSQL database (dropped afterwards); yields its URL."""
+    import psycopg
+
+    name = f"bssagent_fresh_{uuid.uuid4().hex[:12]}"
+    admin = urlsplit(pg_url)._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlsplit(pg_url)._replace(path=f"/{name}").geturl()
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 BACKENDS = ["memory", "sqlite", "postgres"]

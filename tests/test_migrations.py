@@ -11,10 +11,8 @@ import sys
 import traceback
 import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -49,24 +47,6 @@ def drop_pg_table(url: str, table: str) -> None:
     with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(f'DROP TABLE IF EXISTS "{table}"')
         conn.execute("DELETE FROM bssagent_migrations WHERE target = %s", (table,))
-
-
-def with_database(url: str, dbname: str) -> str:
-    return urlsplit(url)._replace(path=f"/{dbname}").geturl()
-
-
-@pytest.fixture
-def fresh_database(pg_url: str) -> Iterator[str]:
-    """A brand-new, empty database (dropped afterwards); yields its URL."""
-    name = f"bssagent_mig_{uuid.uuid4().hex[:12]}"
-    admin = with_database(pg_url, "postgres")
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(pg_url, name)
-    finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # -- custom table names ------------------------------------------------------------------------

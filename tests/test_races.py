@@ -15,13 +15,11 @@ import random
 import sqlite3
 import threading
 import traceback
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -239,24 +237,6 @@ def assert_consistent(
         f"{len(split)} users got different thread ids, e.g. {next(iter(split.items()))}"
     )
     return {u: next(iter(ids)) for u, ids in seen.items()}
-
-
-def with_database(url: str, dbname: str) -> str:
-    return urlsplit(url)._replace(path=f"/{dbname}").geturl()
-
-
-@pytest.fixture
-def fresh_database(pg_url: str) -> Iterator[str]:
-    """A brand-new, empty database (dropped afterwards); yields its URL."""
-    name = f"bssagent_setup_{uuid.uuid4().hex[:12]}"
-    admin = with_database(pg_url, "postgres")
-    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(pg_url, name)
-    finally:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # -- get_or_create race -----------------------------------------------------------------------
