@@ -6,7 +6,9 @@ from .errors import (
     BssAgentError,
     ConfigurationError,
     InvalidInputError,
+    InvalidTransitionError,
     MigrationError,
+    SessionLimitError,
     SessionNotFoundError,
     StorageError,
     StorageUnavailableError,
@@ -16,7 +18,7 @@ from .errors import (
 from .sessions.manager_async import AsyncAgentSessionManager
 from .sessions.manager_base import Health
 from .sessions.manager_sync import AgentSessionManager
-from .sessions.model import UserSession
+from .sessions.model import SessionEvent, SessionStats, UserSession
 
 __version__ = "0.1.0"
 
@@ -28,8 +30,12 @@ __all__ = [
     "ConfigurationError",
     "Health",
     "InvalidInputError",
+    "InvalidTransitionError",
     "MigrationError",
+    "SessionEvent",
+    "SessionLimitError",
     "SessionNotFoundError",
+    "SessionStats",
     "Settings",
     "StorageError",
     "StorageUnavailableError",

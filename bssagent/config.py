@@ -71,6 +71,30 @@ class Settings(BaseSettings):
     migration_lock_timeout: float = Field(
         default=60.0, gt=0, description="Seconds to wait for the schema migration lock."
     )
+    session_timeout: float | None = Field(
+        default=None, gt=0, description="Idle seconds after which a session expires (off)."
+    )
+    max_sessions_per_user: int | None = Field(
+        default=None, ge=1, description="Sessions a user may keep stored (no limit)."
+    )
+    session_limit_policy: Literal["purge", "raise"] = Field(
+        default="purge",
+        description="At max_sessions_per_user: purge the oldest ended sessions, or raise.",
+    )
+    max_active_sessions: int | None = Field(
+        default=None, ge=1, description="Open sessions in a namespace (no limit)."
+    )
+    cleanup_interval: float | None = Field(
+        default=None, gt=0, description="Seconds between background cleanups (off)."
+    )
+    cleanup_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    retention_period: float | None = Field(
+        default=None, ge=0, description="Seconds after a session ends before retention runs."
+    )
+    retention_mode: Literal["keep_latest", "delete"] = Field(
+        default="keep_latest",
+        description="Ended sessions' checkpoints: keep only the latest, or delete them all.",
+    )
 
     @field_validator("table_name")
     @classmethod
@@ -85,7 +109,15 @@ class Settings(BaseSettings):
     def _check_namespace(cls, value: str) -> str:
         return validation.namespace(value)
 
-    @field_validator("prepare_threshold", mode="before")
+    @field_validator(
+        "prepare_threshold",
+        "session_timeout",
+        "max_sessions_per_user",
+        "max_active_sessions",
+        "cleanup_interval",
+        "retention_period",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -107,6 +139,9 @@ def resolve_target(settings: Settings) -> StorageTarget:
     if settings.database_url is None or not settings.database_url.get_secret_value().strip():
         return StorageTarget("sqlite", path=settings.sqlite_path)
     url = settings.database_url.get_secret_value().strip()
+    if "://" not in url and "=" in url:
+        # A libpq key/value conninfo ("host=... dbname=..."): PostgreSQL.
+        return StorageTarget("postgres", url=url)
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
         # Accept SQLAlchemy-style "postgresql+psycopg://" URLs too.
@@ -122,8 +157,10 @@ def resolve_target(settings: Settings) -> StorageTarget:
         return StorageTarget("sqlite", path=Path(path))
     if scheme == "memory":
         return StorageTarget("memory")
+    # Never echo the URL itself: it may hold a password.
+    shown = scheme if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", scheme) else "<not a URL>"
     raise ConfigurationError(
-        f"unsupported database URL scheme {scheme!r}: use postgresql://, sqlite:/// or memory://"
+        f"unsupported database URL scheme {shown!r}: use postgresql://, sqlite:/// or memory://"
     )
 
 

@@ -11,6 +11,8 @@ subclass with the original chained as ``__cause__``.
     ├── InvalidInputError             (also ValueError) bad argument, before any I/O; ``.field``
     │   └── UnknownFieldError         ``update_session`` got a field it does not accept
     ├── SessionNotFoundError          (also ValueError) no such session for this user, or not theirs
+    ├── InvalidTransitionError        (also ValueError) e.g. resuming a completed session
+    ├── SessionLimitError             max_sessions_per_user / max_active_sessions reached
     ├── ThreadBusyError               a run already holds the thread (``reject`` strategy)
     └── StorageError                  the storage backend failed; ``__cause__`` is the driver error
         ├── StorageUnavailableError   connection-class failure: server down, unreachable, timed out
@@ -26,7 +28,9 @@ __all__ = [
     "BssAgentError",
     "ConfigurationError",
     "InvalidInputError",
+    "InvalidTransitionError",
     "MigrationError",
+    "SessionLimitError",
     "SessionNotFoundError",
     "StorageError",
     "StorageUnavailableError",
@@ -65,6 +69,16 @@ class SessionNotFoundError(BssAgentError, ValueError):
     Raised both when a session does not exist and when it belongs to someone else: the
     two cases are deliberately indistinguishable, so thread ids cannot be probed.
     """
+
+
+class InvalidTransitionError(BssAgentError, ValueError):
+    """The session's state does not allow the change (see :mod:`bssagent.sessions.lifecycle`).
+    Nothing was written."""
+
+
+class SessionLimitError(BssAgentError):
+    """A session limit is reached: ``max_sessions_per_user`` (with the ``raise`` policy, or
+    nothing ended left to purge) or ``max_active_sessions`` (after trying a cleanup)."""
 
 
 class ThreadBusyError(BssAgentError):

@@ -19,7 +19,12 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from bssagent import AsyncAgentSessionManager, BssAgentError, SessionNotFoundError
+from bssagent import (
+    AsyncAgentSessionManager,
+    BssAgentError,
+    SessionNotFoundError,
+    ThreadBusyError,
+)
 from bssagent.agent import default_chat_model
 from bssagent.agent.sse import stream_sse
 from bssagent.demo import ChatAgent
@@ -55,9 +60,12 @@ User = Annotated[str, Depends(user_id)]
 
 @app.exception_handler(BssAgentError)
 async def bssagent_error(request: Request, exc: BssAgentError) -> JSONResponse:
-    # Bad input -> 400, someone else's or a missing thread -> 404, storage trouble -> 503.
+    # Bad input -> 400, someone else's or a missing thread -> 404, a busy thread -> 409,
+    # storage trouble -> 503.
     status = 404 if isinstance(exc, SessionNotFoundError) else 400
-    if not isinstance(exc, ValueError):
+    if isinstance(exc, ThreadBusyError):
+        status = 409
+    elif not isinstance(exc, ValueError):
         status = 503
     return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status)
 

@@ -327,7 +327,7 @@ async def test_deactivate_session(mgr: Manager) -> None:
 async def test_delete_session(mgr: Manager) -> None:
     old = await mgr.create_user_session("alice", "Old")
     current = await mgr.create_user_session("alice", "Current")
-    assert await mgr.delete_session("alice", old.thread_id) is None
+    assert await mgr.delete_session("alice", old.thread_id) == [old.thread_id]
     await _not_found(mgr.get_session("alice", old.thread_id))
     assert (await mgr.get_current_user_session("alice")).thread_id == current.thread_id
     await mgr.delete_session("alice", current.thread_id)
@@ -537,6 +537,13 @@ async def test_session_value(mgr: Manager) -> None:
         "created_at",
         "updated_at",
         "is_active",
+        "status",
+        "request_count",
+        "error_count",
+        "total_processing_time",
+        "last_activity_at",
+        "ended_at",
+        "parent_thread_id",
     }
     encoded = json.dumps(s.to_dict())
     decoded = json.loads(encoded)

@@ -22,8 +22,11 @@ from bssagent.sessions import migrations as mig
 from bssagent.sessions.storage.postgres_sync import PostgresStore
 
 REPO = Path(__file__).resolve().parents[1]
-SUFFIXES = ("_pkey", "_thread_id_key", "_one_active_idx", "_user_idx", "_active_idx")
-SQLITE_SUFFIXES = ("_one_active_idx", "_user_idx", "_active_idx")
+LIFECYCLE_SUFFIXES = ("_idle_idx", "_retention_idx", "_parent_idx")
+SUFFIXES = (
+    "_pkey", "_thread_id_key", "_one_active_idx", "_user_idx", "_active_idx", *LIFECYCLE_SUFFIXES
+)  # fmt: skip
+SQLITE_SUFFIXES = ("_one_active_idx", "_user_idx", "_active_idx", *LIFECYCLE_SUFFIXES)
 
 
 def expected_ledger(target: str, dialect: mig.Dialect = "postgresql") -> list[tuple[Any, ...]]:
@@ -191,7 +194,7 @@ def test_psql_applied_file_is_adopted_by_the_library(fresh_database: str) -> Non
     with psycopg.connect(fresh_database, connect_timeout=5) as conn:
         by_hand = pg_indexes(conn, "user_sessions")
         assert conn.execute("SELECT to_regclass('bssagent_migrations')").fetchone() == (None,)
-    assert by_hand == {"user_sessions" + s for s in SUFFIXES}
+    assert by_hand == {"user_sessions" + s for s in SUFFIXES if s not in LIFECYCLE_SUFFIXES}
 
     with AgentSessionManager(database_url=fresh_database, cache_size=0) as manager:
         first = manager.get_or_create_user_session("alice")
@@ -205,7 +208,7 @@ def test_psql_applied_file_is_adopted_by_the_library(fresh_database: str) -> Non
     assert done.returncode == 0, done.stderr
     with psycopg.connect(fresh_database, connect_timeout=5) as conn:
         assert pg_ledger(conn, "user_sessions") == expected_ledger("user_sessions")
-        assert pg_indexes(conn, "user_sessions") == by_hand
+        assert pg_indexes(conn, "user_sessions") == {"user_sessions" + s for s in SUFFIXES}
         rows = conn.execute("SELECT thread_id, is_active FROM user_sessions ORDER BY id").fetchall()
     assert rows == [(first.thread_id, False), (second.thread_id, True)]
 

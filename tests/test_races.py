@@ -342,6 +342,9 @@ def test_concurrent_first_setup_postgres(fresh_database: str, storm: int, worker
         "user_sessions_one_active_idx",
         "user_sessions_user_idx",
         "user_sessions_active_idx",
+        "user_sessions_idle_idx",
+        "user_sessions_retention_idx",
+        "user_sessions_parent_idx",
     } == listed
     assert sorted(rows) == sorted([("shared-user", 1, 1)] + [(f"user-{i}", 1, 1) for i in range(8)])
 

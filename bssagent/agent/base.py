@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+import logging
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -15,16 +17,24 @@ from langgraph.graph import StateGraph
 from langgraph.pregel import Pregel
 from langgraph.types import Command, StateSnapshot
 
+from ..checkpointers import Checkpointers, Saver
 from ..config import Settings
-from ..errors import ConfigurationError, InvalidInputError
+from ..errors import (
+    BssAgentError,
+    ConfigurationError,
+    InvalidInputError,
+    InvalidTransitionError,
+    SessionNotFoundError,
+)
 from ..sessions import validation
 from ..sessions.manager_async import AsyncAgentSessionManager
 from ..sessions.manager_sync import AgentSessionManager
+from ..sessions.model import UserSession
 from ..sessions.storage.memory import MemoryStore
 from ..sessions.storage.offload import AsyncOffloaded
-from .checkpointers import Checkpointers, Saver
 from .run_lock import RunLocks, RunStrategy
 
+logger = logging.getLogger("bssagent.agent")
 _SYNC_ONLY = {"SqliteSaver", "PostgresSaver", "ShallowPostgresSaver"}
 _ASYNC_ONLY = {"AsyncSqliteSaver", "AsyncPostgresSaver", "AsyncShallowPostgresSaver"}
 
@@ -41,6 +51,18 @@ def _check_pairing(saver: Saver, want_async: bool) -> None:
             f"{type(saver).__name__} only supports async calls: use ainvoke/astream, or give "
             "the agent a sync saver for invoke/stream"
         )
+
+
+def _runnable(session: UserSession) -> str:
+    """The session's thread, if runs may go to it: open and not paused."""
+    if session.status != "active":
+        hint = "resume it first" if session.status == "paused" else "start a new session"
+        raise InvalidTransitionError(f"session {session.thread_id!r} is {session.status}: {hint}")
+    return session.thread_id
+
+
+def _deleted(thread_id: str) -> SessionNotFoundError:
+    return SessionNotFoundError(f"thread {thread_id!r} belonged to a deleted session")
 
 
 class BaseAgent(abc.ABC):
@@ -100,8 +122,14 @@ class BaseAgent(abc.ABC):
         self.settings = (
             session_manager.settings if session_manager is not None else settings or Settings()
         )
-        self._checkpointers = Checkpointers(self.settings)
-        self._locks = RunLocks(self.settings, degraded=lambda: self.is_degraded)
+        # One set of savers per database: shared with the manager, so deleting a session
+        # through the manager deletes the checkpoints this agent wrote (memory:// too).
+        self._checkpointers = (
+            session_manager.checkpoints
+            if session_manager is not None
+            else Checkpointers(self.settings)
+        )
+        self._locks = RunLocks(self.settings)
         self._run_strategy: RunStrategy = run_strategy
         self._run_timeout = run_timeout
         self._own_saver = checkpointer
@@ -146,11 +174,13 @@ class BaseAgent(abc.ABC):
         return self.graph.copy(update={"checkpointer": saver})
 
     def _sync_runnable(self) -> Pregel[Any, Any, Any, Any]:
-        if self._sync_graph is None:
-            saver = self._own_saver or self._checkpointers.sync()
+        saver = self._own_saver or self._checkpointers.sync()
+        graph = self._sync_graph
+        # The saver changes when the database goes down (memory) and comes back.
+        if graph is None or graph.checkpointer is not saver:
             _check_pairing(saver, want_async=False)
-            self._sync_graph = self._graph_for(saver)
-        return self._sync_graph
+            graph = self._sync_graph = self._graph_for(saver)
+        return graph
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -165,7 +195,11 @@ class BaseAgent(abc.ABC):
                 self._sm = AgentSessionManager(
                     settings=self.settings,
                     store=shared.sync if isinstance(shared, AsyncOffloaded) else None,
+                    checkpointer=self._checkpointers,
                 )
+                if self._asm is not None:
+                    # One cache for both twins, so neither serves a thread the other replaced.
+                    self._sm._state = self._asm._state
                 self._owned_managers.append(self._sm)
             return self._sm
 
@@ -177,10 +211,13 @@ class BaseAgent(abc.ABC):
                 shared = self._sm.store if self._sm is not None else None
                 self._asm = AsyncAgentSessionManager(
                     settings=self.settings,
+                    checkpointer=self._checkpointers,
                     store=AsyncOffloaded(shared, offload=False)
                     if isinstance(shared, MemoryStore)
                     else None,
                 )
+                if self._sm is not None:
+                    self._asm._state = self._sm._state
                 self._owned_managers.append(self._asm)
             return self._asm
 
@@ -234,32 +271,92 @@ class BaseAgent(abc.ABC):
         return (await self._aresolve(config, user_id, thread_id))[0]
 
     def _resolve(
-        self, config: RunnableConfig | None, user_id: str | None, thread_id: str | None
+        self,
+        config: RunnableConfig | None,
+        user_id: str | None,
+        thread_id: str | None,
+        writing: bool = False,
     ) -> tuple[RunnableConfig, str]:
+        """The run's config and thread; a write to a deleted thread (a tombstone) is refused,
+        so a late run cannot bring a deleted conversation back."""
         cfg, thread = self._split(config, thread_id)
+        sm = self.session_manager
         if user_id is not None:
-            sm = self.session_manager
             session = (
                 sm.get_or_create_user_session(user_id)
                 if thread is None
                 else sm.get_session(user_id, thread)
             )
-            thread = session.thread_id
+            thread = _runnable(session)
+        elif writing and thread is not None and sm.is_thread_deleted(thread):
+            raise _deleted(thread)
         return self._finish(cfg, thread)
 
     async def _aresolve(
-        self, config: RunnableConfig | None, user_id: str | None, thread_id: str | None
+        self,
+        config: RunnableConfig | None,
+        user_id: str | None,
+        thread_id: str | None,
+        writing: bool = False,
     ) -> tuple[RunnableConfig, str]:
         cfg, thread = self._split(config, thread_id)
+        sm = self.async_session_manager
         if user_id is not None:
-            sm = self.async_session_manager
             session = (
                 await sm.get_or_create_user_session(user_id)
                 if thread is None
                 else await sm.get_session(user_id, thread)
             )
-            thread = session.thread_id
+            thread = _runnable(session)
+        elif writing and thread is not None and await sm.is_thread_deleted(thread):
+            raise _deleted(thread)
         return self._finish(cfg, thread)
+
+    # -- request metrics --------------------------------------------------------------------
+
+    def _record(self, user_id: str, thread: str, started: float, error: bool) -> None:
+        try:
+            self.session_manager.record_request(
+                user_id, thread, processing_time=time.perf_counter() - started, error=error
+            )
+        except BssAgentError as exc:  # metrics must never mask the run's own outcome
+            logger.warning("bssagent: could not record a request (%s)", type(exc).__name__)
+
+    async def _arecord(self, user_id: str, thread: str, started: float, error: bool) -> None:
+        try:
+            await self.async_session_manager.record_request(
+                user_id, thread, processing_time=time.perf_counter() - started, error=error
+            )
+        except BssAgentError as exc:
+            logger.warning("bssagent: could not record a request (%s)", type(exc).__name__)
+
+    @contextmanager
+    def _recorded(self, user_id: str | None, thread: str) -> Iterator[None]:
+        """Count the run on the user's session: time, and whether it raised (re-raised
+        unchanged). A cancelled or abandoned run is not counted."""
+        if user_id is None:
+            yield
+            return
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self._record(user_id, thread, started, error=True)
+            raise
+        self._record(user_id, thread, started, error=False)
+
+    @asynccontextmanager
+    async def _arecorded(self, user_id: str | None, thread: str) -> AsyncIterator[None]:
+        if user_id is None:
+            yield
+            return
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            await self._arecord(user_id, thread, started, error=True)
+            raise
+        await self._arecord(user_id, thread, started, error=False)
 
     def _strategy(self, run_strategy: RunStrategy | None) -> RunStrategy:
         strategy = run_strategy or self._run_strategy
@@ -287,9 +384,9 @@ class BaseAgent(abc.ABC):
             InvalidInputError: No thread could be determined, or a bad argument.
         """
         strategy = self._strategy(run_strategy)
-        cfg, thread = self._resolve(config, user_id, thread_id)
+        cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
         graph = self._sync_runnable()
-        with self._locks.hold(thread, strategy, self._run_timeout):
+        with self._recorded(user_id, thread), self._locks.hold(thread, strategy, self._run_timeout):
             return graph.invoke(input, cfg, **kwargs)
 
     def stream(
@@ -305,11 +402,14 @@ class BaseAgent(abc.ABC):
         """Stream the run (any ``stream_mode``, several at once); holds the thread until the
         iterator is exhausted or closed. Arguments are checked before iteration starts."""
         strategy = self._strategy(run_strategy)
-        cfg, thread = self._resolve(config, user_id, thread_id)
+        cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
         graph = self._sync_runnable()
 
         def run() -> Iterator[Any]:
-            with self._locks.hold(thread, strategy, self._run_timeout):
+            with (
+                self._recorded(user_id, thread),
+                self._locks.hold(thread, strategy, self._run_timeout),
+            ):
                 yield from graph.stream(input, cfg, **kwargs)
 
         return run()
@@ -326,10 +426,11 @@ class BaseAgent(abc.ABC):
     ) -> Any:
         """Async :meth:`invoke`, on the async saver."""
         strategy = self._strategy(run_strategy)
-        cfg, thread = await self._aresolve(config, user_id, thread_id)
+        cfg, thread = await self._aresolve(config, user_id, thread_id, writing=True)
         # The saver first: it finds out whether the database is reachable, which decides
         # whether the run lock is PostgreSQL's or a local one.
         async with (
+            self._arecorded(user_id, thread),
             self._async_graph() as graph,
             self._locks.ahold(thread, strategy, self._run_timeout),
         ):
@@ -347,10 +448,11 @@ class BaseAgent(abc.ABC):
     ) -> AsyncGenerator[Any, None]:
         """Async :meth:`stream`."""
         strategy = self._strategy(run_strategy)
-        cfg, thread = await self._aresolve(config, user_id, thread_id)
+        cfg, thread = await self._aresolve(config, user_id, thread_id, writing=True)
         # The saver first: it finds out whether the database is reachable, which decides
         # whether the run lock is PostgreSQL's or a local one.
         async with (
+            self._arecorded(user_id, thread),
             self._async_graph() as graph,
             self._locks.ahold(thread, strategy, self._run_timeout),
         ):
@@ -453,7 +555,7 @@ class BaseAgent(abc.ABC):
     ) -> RunnableConfig:
         """Write ``values`` to the thread's state as if ``as_node`` ran (under the run lock)."""
         strategy = self._strategy(run_strategy)
-        cfg, thread = self._resolve(config, user_id, thread_id)
+        cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
         graph = self._sync_runnable()
         with self._locks.hold(thread, strategy, self._run_timeout):
             return graph.update_state(cfg, values, as_node=as_node)

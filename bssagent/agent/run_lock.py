@@ -16,7 +16,7 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import (
     AbstractContextManager,
     AsyncExitStack,
@@ -111,21 +111,21 @@ class _LocalLocks:
 class RunLocks:
     """Run locks for one database (see the module docstring).
 
+    A run first takes the in-process lock of its thread, then (with PostgreSQL) the
+    thread's advisory lock on a dedicated connection: so a process uses at most one lock
+    connection per busy thread, and runs inside one process never depend on the database
+    to exclude each other. If PostgreSQL is unreachable and the fallback is ``memory``,
+    runs proceed under the in-process lock alone, and the database is tried again after
+    ``reconnect_interval``.
+
     Args:
         settings: Where the data lives; PostgreSQL gets cross-process locks.
-        pool_size: Connections for holding PostgreSQL locks: the most concurrent runs per
-            process (and per event loop) before new runs wait for a connection.
-        degraded: Tells whether the database is known to be down (then locks are local).
+        pool_size: Connections for holding PostgreSQL locks: the most threads running at
+            once per process (and per event loop) before runs wait for a connection.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        pool_size: int = 32,
-        degraded: Callable[[], bool] = lambda: False,
-    ) -> None:
+    def __init__(self, settings: Settings, pool_size: int = 64) -> None:
         self._settings = settings
-        self._degraded = degraded
         self._target = resolve_target(settings)
         self._pool_size = pool_size
         self._local = _LocalLocks()
@@ -134,11 +134,12 @@ class RunLocks:
             weakref.WeakKeyDictionary()
         )
         self._guard = threading.Lock()
+        self._down_until = 0.0
 
     @property
     def cross_process(self) -> bool:
-        """Whether locks hold across processes (PostgreSQL, while it is reachable)."""
-        return self._target.backend == "postgres" and not self._degraded()
+        """Whether locks hold across processes (PostgreSQL, unless it was just found down)."""
+        return self._target.backend == "postgres" and time.monotonic() >= self._down_until
 
     def _kwargs(self) -> dict[str, Any]:
         from ..sessions.storage.postgres_common import connection_kwargs
@@ -146,46 +147,95 @@ class RunLocks:
         s = self._settings
         return connection_kwargs(s.connect_timeout, s.prepare_threshold)
 
+    def _unavailable(self, exc: StorageUnavailableError) -> None:
+        if self._settings.fallback == "raise":
+            raise exc
+        self._down_until = time.monotonic() + self._settings.reconnect_interval
+
+    def _pool_busy(self, thread_id: str) -> ThreadBusyError:
+        return ThreadBusyError(
+            f"no run-lock connection became free for thread {thread_id!r} "
+            f"(pool of {self._pool_size})"
+        )
+
     @contextmanager
     def hold(self, thread_id: str, strategy: RunStrategy, timeout: float) -> Iterator[None]:
         """Hold ``thread_id``'s run lock for the duration of the block.
 
-        Errors raised inside the block pass through unchanged. If PostgreSQL is unreachable
-        and the fallback is ``memory``, the lock degrades to an in-process one.
+        Errors raised inside the block pass through unchanged.
         """
-        if not self.cross_process:
-            with self._local.hold(thread_id, strategy, timeout):
-                yield
-            return
-        with ExitStack() as stack:
-            try:
-                with wrap_errors():
-                    conn = stack.enter_context(self._sync_lock_pool().connection())
-                    deadline, pause = time.monotonic() + timeout, _FIRST_POLL
-                    while not conn.execute(_TRY_LOCK, (thread_id,)).fetchone()["ok"]:
-                        if strategy == "reject" or time.monotonic() >= deadline:
-                            raise _busy(thread_id, strategy, timeout)
-                        time.sleep(pause)
-                        pause = min(pause * 2, _MAX_POLL)
-            except StorageUnavailableError:
-                if self._settings.fallback == "raise":
-                    raise
-                conn = None
-            if conn is None:
-                stack.enter_context(self._local.hold(thread_id, strategy, timeout))
-                yield
-                return
+        deadline = time.monotonic() + timeout
+        with self._local.hold(thread_id, strategy, timeout), ExitStack() as stack:
+            conn = None
+            if self.cross_process:
+                from psycopg_pool import PoolTimeout
+
+                try:
+                    with wrap_errors():
+                        try:
+                            conn = stack.enter_context(self._sync_lock_pool().connection())
+                        except PoolTimeout:
+                            raise self._pool_busy(thread_id) from None
+                        pause = _FIRST_POLL
+                        while not conn.execute(_TRY_LOCK, (thread_id,)).fetchone()["ok"]:
+                            if strategy == "reject" or time.monotonic() >= deadline:
+                                raise _busy(thread_id, strategy, timeout)
+                            time.sleep(pause)
+                            pause = min(pause * 2, _MAX_POLL)
+                except StorageUnavailableError as exc:
+                    self._unavailable(exc)
+                    conn = None
             try:
                 yield
             finally:
-                with suppress(Exception):  # a dead connection has released the lock already
-                    conn.execute(_UNLOCK, (thread_id,))
+                if conn is not None:
+                    with suppress(Exception):  # a dead connection released the lock already
+                        conn.execute(_UNLOCK, (thread_id,))
+
+    @asynccontextmanager
+    async def ahold(
+        self, thread_id: str, strategy: RunStrategy, timeout: float
+    ) -> AsyncIterator[None]:
+        """Async :meth:`hold`: waiting never blocks the event loop."""
+        deadline = time.monotonic() + timeout
+        async with self._local.ahold(thread_id, strategy, timeout), AsyncExitStack() as stack:
+            conn = None
+            if self.cross_process:
+                from psycopg_pool import PoolTimeout
+
+                try:
+                    with wrap_errors():
+                        pool = await self._async_lock_pool()
+                        try:
+                            conn = await stack.enter_async_context(pool.connection())
+                        except PoolTimeout:
+                            raise self._pool_busy(thread_id) from None
+                        pause = _FIRST_POLL
+                        while not (await (await conn.execute(_TRY_LOCK, (thread_id,))).fetchone())[
+                            "ok"
+                        ]:
+                            if strategy == "reject" or time.monotonic() >= deadline:
+                                raise _busy(thread_id, strategy, timeout)
+                            await asyncio.sleep(pause)
+                            pause = min(pause * 2, _MAX_POLL)
+                except StorageUnavailableError as exc:
+                    self._unavailable(exc)
+                    conn = None
+            try:
+                yield
+            finally:
+                if conn is not None:
+                    with suppress(Exception):
+                        await conn.execute(_UNLOCK, (thread_id,))
 
     def _sync_lock_pool(self) -> Any:
+        from psycopg import Connection
         from psycopg_pool import ConnectionPool
 
         with self._guard:
             if self._sync_pool is None:
+                # Fail fast when the server refuses, instead of waiting out the pool timeout.
+                Connection.connect(self._target.url or "", **self._kwargs()).close()
                 self._sync_pool = ConnectionPool(
                     self._target.url or "",
                     min_size=0,
@@ -199,10 +249,14 @@ class RunLocks:
             return self._sync_pool
 
     async def _async_lock_pool(self) -> Any:
+        from psycopg import AsyncConnection
         from psycopg_pool import AsyncConnectionPool
 
         loop = asyncio.get_running_loop()
         pool = self._pools.get(loop)
+        if pool is None:
+            await (await AsyncConnection.connect(self._target.url or "", **self._kwargs())).close()
+            pool = self._pools.get(loop)  # another task may have made it meanwhile
         if pool is None:
             pool = AsyncConnectionPool(
                 self._target.url or "",
@@ -214,45 +268,9 @@ class RunLocks:
                 open=False,
                 name="bssagent-run-locks",
             )
-            await pool.open()
             self._pools[loop] = pool
+            await pool.open()
         return pool
-
-    @asynccontextmanager
-    async def ahold(
-        self, thread_id: str, strategy: RunStrategy, timeout: float
-    ) -> AsyncIterator[None]:
-        """Async :meth:`hold`: waiting never blocks the event loop."""
-        if not self.cross_process:
-            async with self._local.ahold(thread_id, strategy, timeout):
-                yield
-            return
-        async with AsyncExitStack() as stack:
-            try:
-                with wrap_errors():
-                    pool = await self._async_lock_pool()
-                    conn = await stack.enter_async_context(pool.connection())
-                    deadline, pause = time.monotonic() + timeout, _FIRST_POLL
-                    while not (await (await conn.execute(_TRY_LOCK, (thread_id,))).fetchone())[
-                        "ok"
-                    ]:
-                        if strategy == "reject" or time.monotonic() >= deadline:
-                            raise _busy(thread_id, strategy, timeout)
-                        await asyncio.sleep(pause)
-                        pause = min(pause * 2, _MAX_POLL)
-            except StorageUnavailableError:
-                if self._settings.fallback == "raise":
-                    raise
-                conn = None
-            if conn is None:
-                await stack.enter_async_context(self._local.ahold(thread_id, strategy, timeout))
-                yield
-                return
-            try:
-                yield
-            finally:
-                with suppress(Exception):
-                    await conn.execute(_UNLOCK, (thread_id,))
 
     def close(self) -> None:
         """Close the sync lock pool. Idempotent."""
@@ -266,4 +284,4 @@ class RunLocks:
         pool = self._pools.pop(asyncio.get_running_loop(), None)
         if pool is not None:
             await pool.close()
-        self.close()
+        await asyncio.to_thread(self.close)

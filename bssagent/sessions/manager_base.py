@@ -8,17 +8,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
+from langchain_core.messages import BaseMessage, message_to_dict
 
 from ..config import Settings, StorageTarget, redact_url, resolve_target
 from ..errors import ConfigurationError
 from .cache import VersionedLRU
 from .model import UserSession
+from .storage.base import Limits
 from .storage.memory import MemoryStore, utcnow_after
 
 logger = logging.getLogger("bssagent.sessions")
@@ -47,6 +50,35 @@ class Health:
     degraded_episodes: int
 
 
+def limits_of(settings: Settings) -> Limits:
+    """The storage :class:`~.storage.base.Limits` the settings ask for."""
+    return Limits(
+        max_sessions_per_user=settings.max_sessions_per_user,
+        on_user_limit=settings.session_limit_policy,
+        max_active_sessions=settings.max_active_sessions,
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: LangChain messages as their dicts, others as text."""
+    if isinstance(value, BaseMessage):
+        return message_to_dict(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
+
+
+def spawn_thread(target: Callable[..., object], *args: object) -> threading.Thread:
+    """Start ``target(*args)`` in a daemon thread (the sync manager's background cleaner)."""
+    thread = threading.Thread(target=target, args=args, name="bssagent-cleaner", daemon=True)
+    thread.start()
+    return thread
+
+
 def build_settings(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
     """Settings from the environment, with explicit keyword arguments winning."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -68,12 +100,14 @@ class ManagerState:
         self.cache: VersionedLRU[str, UserSession] = VersionedLRU(
             settings.cache_size, settings.cache_ttl
         )
-        self.memory = MemoryStore()
+        self.limits = limits_of(settings)
+        self.memory = MemoryStore(limits=self.limits)
         self._lock = threading.Lock()
         self._since: datetime | None = None
         self._reason: str | None = None
         self._next_retry = 0.0
         self._episodes = 0
+        self._deletions: list[tuple[str, str | None]] = []
 
     @property
     def degraded(self) -> bool:
@@ -112,13 +146,31 @@ class ManagerState:
         )
         return True
 
+    def delete_in_memory(
+        self, memory: MemoryStore, user_id: str, thread_id: str | None
+    ) -> list[str]:
+        """A deletion while degraded: done in memory, and replayed on the database by the
+        reconciliation (so a session seeded from the cache does not come back)."""
+        with self._lock:
+            self._deletions.append((user_id, thread_id))
+        if thread_id is None:
+            return memory.delete_user(self.namespace, user_id)
+        deleted = memory.delete(self.namespace, user_id, thread_id)
+        # Unknown to memory may still be in the database: report it deleted there too.
+        return deleted or [thread_id]
+
+    def pending_deletions(self) -> list[tuple[str, str | None]]:
+        with self._lock:
+            return list(self._deletions)
+
     def leave_degraded(self, reconciled: int) -> None:
         with self._lock:
             if self._since is None:
                 return
             self._since = None
             self._reason = None
-            self.memory = MemoryStore()
+            self._deletions = []
+            self.memory = MemoryStore(limits=self.limits)
         self.cache.clear()
         logger.warning(
             "bssagent: %s storage is back; %d session(s) from memory reconciled",

@@ -4,23 +4,38 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+from ..checkpointers import Checkpointers
 from ..config import Settings
-from ..errors import SessionNotFoundError, StorageUnavailableError
+from ..errors import InvalidInputError, SessionNotFoundError, StorageUnavailableError
 from . import validation
-from .manager_base import DEFAULT_PAGE, DEFAULT_TITLE, Health, ManagerState, build_settings
-from .model import UserSession
+from .lifecycle import Status, end_status
+from .manager_base import (
+    DEFAULT_PAGE,
+    DEFAULT_TITLE,
+    Health,
+    ManagerState,
+    build_settings,
+    jsonable,
+    spawn_thread,
+)
+from .model import SessionEvent, SessionStats, UserSession
 from .storage.base import SessionStore
 from .storage.memory import MemoryStore
 from .storage.sqlite import SqliteStore
 
 T = TypeVar("T")
+logger = logging.getLogger("bssagent.sessions")
 
 
 def _open_store(state: ManagerState) -> SessionStore:
@@ -38,11 +53,15 @@ def _open_store(state: ManagerState) -> SessionStore:
             connect_timeout=settings.connect_timeout,
             prepare_threshold=settings.prepare_threshold,
             lock_timeout=settings.migration_lock_timeout,
+            limits=state.limits,
         )
     if target.backend == "sqlite":
-        store = SqliteStore(Path(target.path or settings.sqlite_path), settings.table_name)
+        store = SqliteStore(
+            Path(target.path or settings.sqlite_path), settings.table_name, limits=state.limits
+        )
         return store
-    return MemoryStore()
+    memory = MemoryStore(limits=state.limits)
+    return memory
 
 
 class AgentSessionManager:
@@ -71,6 +90,8 @@ class AgentSessionManager:
             environment.
         store: A storage backend to use instead of the one the settings name (any object
             satisfying the storage contract in :mod:`bssagent.sessions.storage.base`).
+        checkpointer: The LangGraph saver holding the conversations, for deleting, pruning
+            and exporting them; default: LangGraph's saver on the same database.
         **options: Any other :class:`~bssagent.config.Settings` field
             (``connect_timeout``, ``pool_max_size``, ``prepare_threshold``, ...).
 
@@ -89,6 +110,7 @@ class AgentSessionManager:
         fallback: str | None = None,
         settings: Settings | None = None,
         store: SessionStore | None = None,
+        checkpointer: BaseCheckpointSaver[Any] | Checkpointers | None = None,
         **options: Any,
     ) -> None:
         resolved = build_settings(
@@ -105,6 +127,13 @@ class AgentSessionManager:
         )
         self._state = ManagerState(resolved)
         self._store = store if store is not None else _open_store(self._state)
+        self._checkpoints = (
+            checkpointer
+            if isinstance(checkpointer, Checkpointers)
+            else Checkpointers(resolved, checkpointer)
+        )
+        self._cleaner: Any = None
+        self._wake = threading.Event()
         self._ready = False
         self._setup_lock = threading.Lock()
         self._closed = False
@@ -130,6 +159,11 @@ class AgentSessionManager:
     def store(self) -> SessionStore:
         """The storage backend (the contract of :mod:`bssagent.sessions.storage.base`)."""
         return self._store
+
+    @property
+    def checkpoints(self) -> Checkpointers:
+        """The LangGraph savers of this manager's database (shared with its agents)."""
+        return self._checkpoints
 
     @property
     def location(self) -> str:
@@ -175,9 +209,18 @@ class AgentSessionManager:
             if not self._ready:
                 self._store.setup()
                 self._ready = True
+                if self.settings.cleanup_interval is not None:
+                    self.start_cleaner()
 
     def _reconcile(self) -> None:
         """The database is back: write the sessions made in memory, then leave degraded mode."""
+        ns = self.namespace
+        # Deletions first, so that nothing deleted during the outage comes back.
+        for user_id, thread_id in self._state.pending_deletions():
+            if thread_id is None:
+                self._store.delete_user(ns, user_id)
+            else:
+                self._store.delete(ns, user_id, thread_id)
         # Ended sessions first: a chat started during the outage replaces the old current
         # one only once the old one's deactivation is written.
         sessions = sorted(self._state.memory.sessions(), key=lambda s: s.is_active)
@@ -226,13 +269,21 @@ class AgentSessionManager:
         title = validation.title(title)
         meta = {} if metadata is None else validation.metadata(metadata)
         cached = self._state.cache.get(user_id)
-        if cached is not None:
+        timeout = self.settings.session_timeout
+        if cached is not None and not cached.is_expired(timeout):
             return cached
         ns, thread_id = self.namespace, self._new_thread_id()
         session, _ = self._call(
             lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),
             lambda m: m.get_or_create(ns, user_id, title, meta, thread_id),
         )
+        if session.is_expired(timeout):
+            # Idle past session_timeout: expire it (the next cleanup would) and start anew.
+            self._transition(user_id, session.thread_id, "expired", cascade=True)
+            session, _ = self._call(
+                lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),
+                lambda m: m.get_or_create(ns, user_id, title, meta, thread_id),
+            )
         self._state.remember(user_id, session)
         return session
 
@@ -376,8 +427,11 @@ class AgentSessionManager:
         self._state.remember(user_id, session)
         return session
 
-    def delete_session(self, user_id: str, thread_id: str) -> None:
-        """Delete one of the user's sessions from the registry.
+    def delete_session(self, user_id: str, thread_id: str) -> list[str]:
+        """Delete one of the user's sessions, its child sessions, and their checkpoints.
+
+        Returns:
+            The deleted thread ids (the session's first).
 
         Raises:
             SessionNotFoundError: No such thread, or it belongs to someone else.
@@ -385,20 +439,342 @@ class AgentSessionManager:
         user_id = validation.user_id(user_id)
         thread = validation.thread_id(thread_id)
         ns = self.namespace
-        deleted = self._call(
-            lambda s: s.delete(ns, user_id, thread), lambda m: m.delete(ns, user_id, thread)
+        deleted: list[str] = self._call(
+            lambda s: s.delete(ns, user_id, thread),
+            lambda m: self._state.delete_in_memory(m, user_id, thread),
         )
         self._state.forget(user_id)
         if not deleted:
             raise SessionNotFoundError(f"no session {thread!r} for user {user_id!r}")
+        self.sweep_deleted_threads()
+        return deleted
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _transition(
+        self, user_id: str, thread_id: str | None, target: Status, cascade: bool
+    ) -> UserSession:
+        ns = self.namespace
+        session = self._call(
+            lambda s: s.transition(ns, user_id, thread_id, target, cascade),
+            lambda m: m.transition(ns, user_id, thread_id, target, cascade),
+        )
+        if session is None:
+            which = "current session" if thread_id is None else f"session {thread_id!r}"
+            raise SessionNotFoundError(f"no {which} for user {user_id!r}")
+        self._state.remember(user_id, session)
+        return session
+
+    def end_session(
+        self,
+        user_id: str,
+        thread_id: str | None = None,
+        status: str = "completed",
+        *,
+        cascade: bool = True,
+    ) -> UserSession:
+        """End a session of the user (default: the current one) as ``completed``, ``failed``
+        or ``expired``; with ``cascade``, its open child sessions end the same way.
+
+        Ending the current session leaves the user with none until the next
+        :meth:`get_or_create_user_session`.
+
+        Raises:
+            SessionNotFoundError: No such session for the user.
+            InvalidTransitionError: The session has already ended.
+        """
+        user_id = validation.user_id(user_id)
+        thread = None if thread_id is None else validation.thread_id(thread_id)
+        return self._transition(user_id, thread, end_status(status), cascade)
+
+    def pause_session(self, user_id: str, thread_id: str | None = None) -> UserSession:
+        """Pause an active session (default: the current one); it stays current.
+
+        Raises:
+            SessionNotFoundError: No such session for the user.
+            InvalidTransitionError: The session is not active.
+        """
+        user_id = validation.user_id(user_id)
+        thread = None if thread_id is None else validation.thread_id(thread_id)
+        return self._transition(user_id, thread, "paused", cascade=False)
+
+    def resume_session(self, user_id: str, thread_id: str | None = None) -> UserSession:
+        """Resume a paused session (default: the current one).
+
+        Raises:
+            SessionNotFoundError: No such session for the user.
+            InvalidTransitionError: The session is not paused.
+        """
+        user_id = validation.user_id(user_id)
+        thread = None if thread_id is None else validation.thread_id(thread_id)
+        return self._transition(user_id, thread, "active", cascade=False)
+
+    def record_request(
+        self,
+        user_id: str,
+        thread_id: str | None = None,
+        *,
+        processing_time: float = 0.0,
+        error: bool = False,
+    ) -> UserSession:
+        """Count one request on a session (default: the current one), atomically in storage.
+
+        ``BaseAgent`` calls this for every run made with ``user_id=``; call it yourself for
+        work done outside an agent.
+
+        Raises:
+            SessionNotFoundError: No such session for the user.
+        """
+        user_id = validation.user_id(user_id)
+        thread = None if thread_id is None else validation.thread_id(thread_id)
+        seconds = validation.duration(processing_time)
+        failed = validation.flag("error", error)
+        ns = self.namespace
+        session = self._call(
+            lambda s: s.record_request(ns, user_id, thread, seconds, failed),
+            lambda m: m.record_request(ns, user_id, thread, seconds, failed),
+        )
+        if session is None:
+            raise SessionNotFoundError(f"no such session for user {user_id!r}")
+        return session
+
+    def get_user_stats(self, user_id: str) -> SessionStats:
+        """Aggregates of the user's sessions: counts, requests, errors, rates."""
+        user_id = validation.user_id(user_id)
+        ns = self.namespace
+        return self._call(lambda s: s.user_stats(ns, user_id), lambda m: m.user_stats(ns, user_id))
+
+    def get_stats(self) -> SessionStats:
+        """Aggregates of the namespace, read from counters kept by the database (no scan)."""
+        ns = self.namespace
+        return self._call(lambda s: s.stats(ns), lambda m: m.stats(ns))
+
+    def cleanup_inactive_sessions(self, max_idle_seconds: float | None = None) -> int:
+        """Expire open sessions idle longer than ``max_idle_seconds`` (default: the
+        ``session_timeout`` setting), in batches; returns how many.
+
+        Safe to run from several processes at once (rows being expired elsewhere are
+        skipped); an idle run costs one indexed probe.
+
+        Raises:
+            InvalidInputError: No ``max_idle_seconds`` and no ``session_timeout``.
+        """
+        idle = max_idle_seconds if max_idle_seconds is not None else self.settings.session_timeout
+        if idle is None:
+            raise InvalidInputError("max_idle_seconds", "required when session_timeout is off")
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=validation.duration(idle))
+        batch, ns, total = self.settings.cleanup_batch_size, self.namespace, 0
+        while True:
+            users = self._call(
+                lambda s: s.expire_idle(ns, cutoff, batch),
+                lambda m: m.expire_idle(ns, cutoff, batch),
+            )
+            for user in users:
+                self._state.forget(user)
+            total += len(users)
+            if len(users) < batch:
+                return total
+
+    # -- parent and child sessions ----------------------------------------------------------
+
+    def create_child_session(
+        self,
+        user_id: str,
+        parent_thread_id: str,
+        title: str = DEFAULT_TITLE,
+        metadata: dict[str, Any] | None = None,
+    ) -> UserSession:
+        """A new session under one of the user's sessions (for a sub-agent or sub-task).
+
+        The child has its own thread, is never the current session, and is ended or
+        deleted with its parent.
+
+        Raises:
+            SessionNotFoundError: The parent is not one of the user's sessions.
+        """
+        user_id = validation.user_id(user_id)
+        parent = validation.thread_id(parent_thread_id)
+        title = validation.title(title)
+        meta = {} if metadata is None else validation.metadata(metadata)
+        ns, thread_id = self.namespace, self._new_thread_id()
+        child = self._call(
+            lambda s: s.create_child(ns, user_id, parent, title, meta, thread_id),
+            lambda m: m.create_child(ns, user_id, parent, title, meta, thread_id),
+        )
+        if child is None:
+            raise SessionNotFoundError(f"no session {parent!r} for user {user_id!r}")
+        return child
+
+    def list_child_sessions(
+        self,
+        user_id: str,
+        parent_thread_id: str,
+        *,
+        limit: int = DEFAULT_PAGE,
+        before_id: int | None = None,
+    ) -> list[UserSession]:
+        """A page of a session's direct children, newest first."""
+        user_id = validation.user_id(user_id)
+        parent = validation.thread_id(parent_thread_id)
+        limit = validation.limit(limit)
+        cursor = validation.cursor(before_id)
+        ns = self.namespace
+        return self._call(
+            lambda s: s.list_children(ns, user_id, parent, limit, cursor),
+            lambda m: m.list_children(ns, user_id, parent, limit, cursor),
+        )
+
+    # -- event log, privacy, housekeeping -----------------------------------------------------
+
+    def get_session_events(
+        self,
+        user_id: str,
+        thread_id: str | None = None,
+        *,
+        limit: int = DEFAULT_PAGE,
+        after_seq: int | None = None,
+    ) -> list[SessionEvent]:
+        """A page of the user's events (of one session, if given), oldest first; pass the
+        last ``seq`` as ``after_seq`` for the next page."""
+        user_id = validation.user_id(user_id)
+        thread = None if thread_id is None else validation.thread_id(thread_id)
+        limit = validation.limit(limit)
+        after = validation.cursor(after_seq, field="after_seq")
+        ns = self.namespace
+        return self._call(
+            lambda s: s.events(ns, user_id, thread, limit, after),
+            lambda m: m.events(ns, user_id, thread, limit, after),
+        )
+
+    def is_thread_deleted(self, thread_id: str) -> bool:
+        """Whether ``thread_id`` belonged to a deleted session (a tombstone says so)."""
+        thread = validation.thread_id(thread_id)
+        return self._call(lambda s: s.is_deleted(thread), lambda m: m.is_deleted(thread))
+
+    def delete_user_data(self, user_id: str) -> int:
+        """Erase the user: sessions, events and every checkpoint of their threads.
+
+        Tombstones (thread ids only) keep a late write from bringing a thread back.
+        Returns the number of sessions deleted.
+        """
+        user_id = validation.user_id(user_id)
+        ns = self.namespace
+        threads: list[str] = self._call(
+            lambda s: s.delete_user(ns, user_id),
+            lambda m: self._state.delete_in_memory(m, user_id, None),
+        )
+        self._state.forget(user_id)
+        self.sweep_deleted_threads()
+        return len(threads)
+
+    def export_user_data(self, user_id: str) -> dict[str, Any]:
+        """A JSON document with the user's sessions, events and conversation state."""
+        user_id = validation.user_id(user_id)
+        sessions: list[UserSession] = []
+        cursor: int | None = None
+        while page := self.list_user_sessions(user_id, limit=1000, before_id=cursor):
+            sessions.extend(page)
+            cursor = page[-1].id
+        events: list[SessionEvent] = []
+        after: int | None = None
+        while batch := self.get_session_events(user_id, limit=1000, after_seq=after):
+            events.extend(batch)
+            after = batch[-1].seq
+        conversations = {}
+        for session in sessions:
+            state = self._checkpoints.state(session.thread_id)
+            conversations[session.thread_id] = jsonable(state)
+        return {
+            "user_id": user_id,
+            "namespace": self.namespace,
+            "exported_at": datetime.now(timezone.utc).isoformat(),
+            "sessions": [s.to_dict() for s in reversed(sessions)],
+            "events": [e.to_dict() for e in events],
+            "conversations": conversations,
+        }
+
+    def sweep_deleted_threads(self) -> int:
+        """Delete the checkpoints of deleted sessions not swept yet; returns how many threads.
+
+        Deletion calls this itself; it is also part of :meth:`run_maintenance`, which
+        finishes a sweep a crash interrupted.
+        """
+        total = 0
+        while threads := self._call(lambda s: s.unswept(500), lambda m: m.unswept(500)):
+            self._checkpoints.delete_threads(threads)
+            self._call(lambda s: s.mark_swept(threads), lambda m: m.mark_swept(threads))
+            total += len(threads)
+        return total
+
+    def apply_retention(
+        self, retention_period: float | None = None, mode: str | None = None
+    ) -> int:
+        """Apply the checkpoint retention policy to sessions ended longer ago than
+        ``retention_period`` seconds (default: the setting); returns how many threads.
+
+        ``mode="keep_latest"`` keeps only each thread's latest checkpoint (LangGraph's
+        ``prune``; savers without it are left alone), ``"delete"`` deletes them all. Open
+        sessions are never touched, so resumable threads stay resumable.
+        """
+        period = (
+            retention_period if retention_period is not None else self.settings.retention_period
+        )
+        if period is None:
+            raise InvalidInputError("retention_period", "required when the setting is off")
+        strategy = mode or self.settings.retention_mode
+        if strategy not in ("keep_latest", "delete"):
+            raise InvalidInputError("mode", "must be 'keep_latest' or 'delete'")
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=validation.duration(period))
+        ns, total = self.namespace, 0
+        while threads := self._call(
+            lambda s: s.retention_due(ns, cutoff, 200), lambda m: m.retention_due(ns, cutoff, 200)
+        ):
+            self._checkpoints.prune(threads, strategy)
+            self._call(lambda s: s.mark_retained(threads), lambda m: m.mark_retained(threads))
+            total += len(threads)
+        return total
+
+    def run_maintenance(self) -> dict[str, int]:
+        """One round of housekeeping: expiry (with ``session_timeout``), retention (with
+        ``retention_period``) and the deletion sweep. The background cleaner runs this."""
+        report = {"expired": 0, "retained": 0, "swept": self.sweep_deleted_threads()}
+        if self.settings.session_timeout is not None:
+            report["expired"] = self.cleanup_inactive_sessions()
+        if self.settings.retention_period is not None:
+            report["retained"] = self.apply_retention()
+        return report
+
+    def start_cleaner(self, interval: float | None = None) -> None:
+        """Run :meth:`run_maintenance` every ``interval`` seconds (default: the
+        ``cleanup_interval`` setting) in the background until :meth:`close`."""
+        every = validation.duration(interval or self.settings.cleanup_interval or 60.0)
+        if self._cleaner is None and not self._closed:
+            self._cleaner = spawn_thread(self._clean_forever, every)
+
+    def _clean_forever(self, interval: float) -> None:
+        while not self._closed:
+            self._wake.wait(interval)
+            if self._closed:
+                return
+            try:
+                report = self.run_maintenance()
+                logger.info("bssagent: maintenance %s", report)
+            except Exception:  # the cleaner must survive a bad round; the next one retries
+                logger.exception("bssagent: background maintenance failed")
 
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the storage connections. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._store.close()
+        # Not guarded by _closed: calls after close() reopen connections lazily, and a
+        # second close() must release them again.
+        self._closed = True
+        if self._cleaner is not None:
+            self._wake.set()
+            self._cleaner.join()
+            self._cleaner = None
+        self._store.close()
+        self._checkpoints.close()
 
     def __enter__(self) -> AgentSessionManager:
         return self

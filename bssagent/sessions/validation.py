@@ -132,12 +132,26 @@ def limit(value: object) -> int:
     return value
 
 
-def cursor(value: object) -> int | None:
-    """Return ``value`` if it is ``None`` or a positive session id (a keyset cursor)."""
+def cursor(value: object, field: str = "before_id") -> int | None:
+    """Return ``value`` if it is ``None`` or a positive integer (a keyset cursor)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError("before_id", "must be None or a positive integer session id")
+        raise InvalidInputError(field, "must be None or a positive integer")
+    return value
+
+
+def duration(value: object, field: str = "processing_time") -> float:
+    """Return ``value`` as seconds if it is a finite, non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e12:
+        raise InvalidInputError(field, "must be a finite, non-negative number of seconds")
+    return float(value)
+
+
+def flag(field: str, value: object) -> bool:
+    """Return ``value`` if it is a bool."""
+    if not isinstance(value, bool):
+        raise InvalidInputError(field, "must be True or False")
     return value
 
 

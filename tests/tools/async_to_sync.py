@@ -7,7 +7,8 @@ source; ``--check`` (run by the test suite) fails when a twin is out of date.
 Translation: ``async def/with/for`` lose ``async``, ``await`` disappears, ``Async``-prefixed
 names and ``*_async`` modules lose the prefix/suffix, and a line carrying a trailing
 ``# sync: <code>`` comment is replaced by ``<code>`` at the same indentation, and one
-ending in ``# sync-drop`` is left out.
+ending in ``# sync-drop`` is left out; a comment line ``# sync-only: <code>`` becomes
+``<code>``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ PAIRS = [
 ]
 _MARKER = re.compile(r"^(\s*)(.*?)\s+# sync: (.*)$")
 _DROP = re.compile(r"\s# sync-drop$")
+_SYNC_ONLY = re.compile(r"^(\s*)# sync-only: (.*)$")
 _RULES = [
     (re.compile(r"\basync (def|with|for) "), r"\1 "),
     (re.compile(r"\bawait "), ""),
@@ -46,6 +48,10 @@ def translate(source: str, origin: str) -> str:
     ]
     for line in source.splitlines():
         if _DROP.search(line):
+            continue
+        sync_only = _SYNC_ONLY.match(line)
+        if sync_only:
+            lines.append(sync_only[1] + sync_only[2])
             continue
         marker = _MARKER.match(line)
         if marker:

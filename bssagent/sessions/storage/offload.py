@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
-from ..model import UserSession
+from ..lifecycle import Status
+from ..model import SessionEvent, SessionStats, UserSession
 from .base import SessionStore
 
 T = TypeVar("T")
@@ -68,7 +70,7 @@ class AsyncOffloaded:
     async def switch(self, namespace: str, user_id: str, thread_id: str) -> UserSession | None:
         return await self._run(self.sync.switch, namespace, user_id, thread_id)
 
-    async def delete(self, namespace: str, user_id: str, thread_id: str) -> bool:
+    async def delete(self, namespace: str, user_id: str, thread_id: str) -> list[str]:
         return await self._run(self.sync.delete, namespace, user_id, thread_id)
 
     async def list_active(
@@ -83,3 +85,72 @@ class AsyncOffloaded:
 
     async def adopt(self, session: UserSession) -> UserSession:
         return await self._run(self.sync.adopt, session)
+
+    async def transition(
+        self, namespace: str, user_id: str, thread_id: str | None, target: Status, cascade: bool
+    ) -> UserSession | None:
+        return await self._run(self.sync.transition, namespace, user_id, thread_id, target, cascade)
+
+    async def record_request(
+        self,
+        namespace: str,
+        user_id: str,
+        thread_id: str | None,
+        processing_time: float,
+        error: bool,
+    ) -> UserSession | None:
+        return await self._run(
+            self.sync.record_request, namespace, user_id, thread_id, processing_time, error
+        )
+
+    async def expire_idle(self, namespace: str, idle_before: datetime, batch: int) -> list[str]:
+        return await self._run(self.sync.expire_idle, namespace, idle_before, batch)
+
+    async def stats(self, namespace: str) -> SessionStats:
+        return await self._run(self.sync.stats, namespace)
+
+    async def user_stats(self, namespace: str, user_id: str) -> SessionStats:
+        return await self._run(self.sync.user_stats, namespace, user_id)
+
+    async def create_child(
+        self,
+        namespace: str,
+        user_id: str,
+        parent_thread_id: str,
+        title: str,
+        metadata: dict[str, Any],
+        thread_id: str,
+    ) -> UserSession | None:
+        return await self._run(
+            self.sync.create_child, namespace, user_id, parent_thread_id, title, metadata, thread_id
+        )
+
+    async def list_children(
+        self, namespace: str, user_id: str, parent_thread_id: str, limit: int, before_id: int | None
+    ) -> list[UserSession]:
+        return await self._run(
+            self.sync.list_children, namespace, user_id, parent_thread_id, limit, before_id
+        )
+
+    async def events(
+        self, namespace: str, user_id: str, thread_id: str | None, limit: int, after_seq: int | None
+    ) -> list[SessionEvent]:
+        return await self._run(self.sync.events, namespace, user_id, thread_id, limit, after_seq)
+
+    async def delete_user(self, namespace: str, user_id: str) -> list[str]:
+        return await self._run(self.sync.delete_user, namespace, user_id)
+
+    async def is_deleted(self, thread_id: str) -> bool:
+        return await self._run(self.sync.is_deleted, thread_id)
+
+    async def unswept(self, limit: int) -> list[str]:
+        return await self._run(self.sync.unswept, limit)
+
+    async def mark_swept(self, thread_ids: list[str]) -> None:
+        await self._run(self.sync.mark_swept, thread_ids)
+
+    async def retention_due(self, namespace: str, ended_before: datetime, limit: int) -> list[str]:
+        return await self._run(self.sync.retention_due, namespace, ended_before, limit)
+
+    async def mark_retained(self, thread_ids: list[str]) -> None:
+        await self._run(self.sync.mark_retained, thread_ids)

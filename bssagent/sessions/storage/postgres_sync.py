@@ -13,22 +13,27 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from psycopg import Connection, sql
 from psycopg.rows import DictRow
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ...errors import MigrationError, StorageError, StorageUnavailableError
+from ...errors import MigrationError, SessionLimitError, StorageError, StorageUnavailableError
 from .. import migrations
-from ..model import UserSession
+from ..lifecycle import ENDED, Status, check_transition
+from ..model import SessionEvent, SessionStats, UserSession
 from .adoption import plan_adoption
+from .base import NO_LIMITS, Limits
 from .postgres_common import (
     MIGRATION_LOCK_KEY,
     build_queries,
     connection_kwargs,
     jsonb,
+    to_event,
     to_session,
+    to_stats,
     wrap_errors,
 )
 
@@ -73,6 +78,7 @@ class PostgresStore:
         connect_timeout: Seconds to open one connection.
         prepare_threshold: psycopg's; ``None`` behind a transaction-mode pooler.
         lock_timeout: Seconds to wait for the migration lock and for table locks.
+        limits: Session limits enforced when creating sessions.
     """
 
     backend = "postgres"
@@ -88,8 +94,10 @@ class PostgresStore:
         connect_timeout: float = 2.0,
         prepare_threshold: int | None = 5,
         lock_timeout: float = 60.0,
+        limits: Limits = NO_LIMITS,
     ) -> None:
         self._url = url
+        self._limits = limits
         self._table = table
         self._q = build_queries(table)
         self._min_size = max(1, min_size)
@@ -134,8 +142,23 @@ class PostgresStore:
     def _connection(self) -> Iterator[Connection[DictRow]]:
         with wrap_errors():
             pool = self._get_pool()
-            with pool.connection() as conn:
-                yield conn
+            try:
+                with pool.connection() as conn:
+                    yield conn
+            except PoolTimeout:
+                # Only getting a connection raises it: the pool is full, or still reconnecting
+                # after an outage. A direct connection tells which (and raises the
+                # connection-class error if the server is gone).
+                direct = Connection.connect(self._url, **self._kwargs)
+                if pool.get_stats().get("pool_size", 0) >= self._max_size:
+                    direct.close()
+                    raise StorageError(
+                        f"all {self._max_size} pool connections stayed busy for "
+                        f"{self._pool_timeout:g} s"
+                    ) from None
+                # The server is back and the pool is catching up: serve this call directly.
+                with direct:
+                    yield direct
 
     def _one(self, query: sql.Composed, params: tuple[Any, ...]) -> UserSession | None:
         with self._connection() as conn:
@@ -205,28 +228,34 @@ class PostgresStore:
     def get_or_create(
         self, namespace: str, user_id: str, title: str, metadata: dict[str, Any], thread_id: str
     ) -> tuple[UserSession, bool]:
-        with self._connection() as conn:
-            for _ in range(10):
-                cur = conn.execute(self._q.current, (namespace, user_id))
-                row = cur.fetchone()
-                if row:
-                    return to_session(row), False
-                # ON CONFLICT on the partial unique index: a concurrent creator wins and we
-                # read its row on the next loop turn; nobody sees a UniqueViolation.
-                cur = conn.execute(
-                    self._q.insert_if_no_current,
-                    (namespace, user_id, thread_id, title, jsonb(metadata)),
-                )
-                row = cur.fetchone()
-                if row:
-                    return to_session(row), True
-        raise StorageError("get_or_create did not settle after 10 attempts")
+        current = self.get_current(namespace, user_id)
+        if current is not None:
+            return current, False
+        # Creation takes the user's lock, as create/switch/adopt do: without it, this insert
+        # could land between their "deactivate" and "insert" and fail them. ON CONFLICT
+        # still guards against writers that do not take the lock (hand-written SQL).
+        with self._connection() as conn, conn.transaction():
+            conn.execute(self._q.lock_user, (self._user_key(namespace, user_id),))
+            cur = conn.execute(self._q.current, (namespace, user_id))
+            row = cur.fetchone()
+            if row:
+                return to_session(row), False
+            self._enforce_limits(conn, namespace, user_id)
+            cur = conn.execute(
+                self._q.insert_if_no_current,
+                (namespace, user_id, thread_id, title, jsonb(metadata)),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise StorageError("get_or_create: the current session changed under the user lock")
+        return to_session(row), True
 
     def create(
         self, namespace: str, user_id: str, title: str, metadata: dict[str, Any], thread_id: str
     ) -> UserSession:
         with self._connection() as conn, conn.transaction():
             conn.execute(self._q.lock_user, (self._user_key(namespace, user_id),))
+            self._enforce_limits(conn, namespace, user_id)
             conn.execute(self._q.deactivate_current, (namespace, user_id))
             cur = conn.execute(
                 self._q.insert, (namespace, user_id, thread_id, title, jsonb(metadata))
@@ -262,10 +291,10 @@ class PostgresStore:
         assert row is not None
         return to_session(row)
 
-    def delete(self, namespace: str, user_id: str, thread_id: str) -> bool:
+    def delete(self, namespace: str, user_id: str, thread_id: str) -> list[str]:
         with self._connection() as conn:
-            cur = conn.execute(self._q.delete, (thread_id, namespace, user_id))
-            return cur.fetchone() is not None
+            cur = conn.execute(self._q.delete_tree, (thread_id, namespace, user_id))
+            return [row["thread_id"] for row in cur.fetchall()]
 
     def list_active(self, namespace: str, limit: int, before_id: int | None) -> list[UserSession]:
         if before_id is None:
@@ -314,3 +343,161 @@ class PostgresStore:
             row = cur.fetchone()
         assert row is not None
         return to_session(row)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _enforce_limits(self, conn: Connection[DictRow], namespace: str, user_id: str) -> None:
+        """Raise SessionLimitError (or purge) before a creation; runs in its transaction,
+        under the user's lock."""
+        limits = self._limits
+        if limits.max_sessions_per_user is not None:
+            cur = conn.execute(self._q.count_user, (namespace, user_id))
+            row = cur.fetchone()
+            excess = (row["n"] if row else 0) - limits.max_sessions_per_user + 1
+            if excess > 0 and limits.on_user_limit == "purge":
+                cur = conn.execute(self._q.purge_ended, (namespace, user_id, excess))
+                excess -= len(cur.fetchall())
+            if excess > 0:
+                raise SessionLimitError(
+                    f"user {user_id!r} has reached max_sessions_per_user="
+                    f"{limits.max_sessions_per_user}"
+                )
+        if limits.max_active_sessions is not None:
+            # One creator per namespace at a time, so two cannot both take the last place.
+            conn.execute(self._q.lock_user, (f"bssagent-limit:{self._table}:{namespace}",))
+            cur = conn.execute(self._q.open_in_namespace, (namespace,))
+            row = cur.fetchone()
+            if row is not None and row["n"] >= limits.max_active_sessions:
+                raise SessionLimitError(
+                    f"namespace {namespace!r} has reached max_active_sessions="
+                    f"{limits.max_active_sessions}"
+                )
+
+    def transition(
+        self, namespace: str, user_id: str, thread_id: str | None, target: Status, cascade: bool
+    ) -> UserSession | None:
+        with self._connection() as conn, conn.transaction():
+            if thread_id is None:
+                cur = conn.execute(self._q.current_for_update, (namespace, user_id))
+            else:
+                cur = conn.execute(self._q.owned_for_update, (thread_id, namespace, user_id))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            check_transition(row["status"], target, row["thread_id"])
+            ended = target in ENDED
+            cur = conn.execute(
+                self._q.set_status, {"status": target, "ended": ended, "id": row["id"]}
+            )
+            updated = cur.fetchone()
+            if cascade and ended:
+                conn.execute(
+                    self._q.end_descendants, (row["thread_id"], namespace, user_id, target)
+                )
+        assert updated is not None
+        return to_session(updated)
+
+    def record_request(
+        self,
+        namespace: str,
+        user_id: str,
+        thread_id: str | None,
+        processing_time: float,
+        error: bool,
+    ) -> UserSession | None:
+        if thread_id is None:
+            return self._one(
+                self._q.record_current, (int(error), processing_time, namespace, user_id)
+            )
+        return self._one(
+            self._q.record_owned, (int(error), processing_time, thread_id, namespace, user_id)
+        )
+
+    def expire_idle(self, namespace: str, idle_before: datetime, batch: int) -> list[str]:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.expire_idle, (namespace, idle_before, batch))
+            return [row["user_id"] for row in cur.fetchall()]
+
+    def stats(self, namespace: str) -> SessionStats:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.stats, (namespace,))
+            return to_stats(cur.fetchone())
+
+    def user_stats(self, namespace: str, user_id: str) -> SessionStats:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.user_stats, (namespace, user_id))
+            return to_stats(cur.fetchone())
+
+    def create_child(
+        self,
+        namespace: str,
+        user_id: str,
+        parent_thread_id: str,
+        title: str,
+        metadata: dict[str, Any],
+        thread_id: str,
+    ) -> UserSession | None:
+        with self._connection() as conn, conn.transaction():
+            conn.execute(self._q.lock_user, (self._user_key(namespace, user_id),))
+            cur = conn.execute(self._q.owned, (parent_thread_id, namespace, user_id))
+            if cur.fetchone() is None:
+                return None
+            self._enforce_limits(conn, namespace, user_id)
+            cur = conn.execute(
+                self._q.insert_child,
+                (namespace, user_id, thread_id, title, jsonb(metadata), parent_thread_id),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return to_session(row)
+
+    def list_children(
+        self, namespace: str, user_id: str, parent_thread_id: str, limit: int, before_id: int | None
+    ) -> list[UserSession]:
+        if before_id is None:
+            return self._many(self._q.list_children, (parent_thread_id, namespace, user_id, limit))
+        return self._many(
+            self._q.list_children_before,
+            (parent_thread_id, namespace, user_id, before_id, limit),
+        )
+
+    def events(
+        self, namespace: str, user_id: str, thread_id: str | None, limit: int, after_seq: int | None
+    ) -> list[SessionEvent]:
+        with self._connection() as conn:
+            cur = conn.execute(
+                self._q.events,
+                (namespace, user_id, thread_id, thread_id, after_seq or 0, limit),
+            )
+            return [to_event(row) for row in cur.fetchall()]
+
+    def delete_user(self, namespace: str, user_id: str) -> list[str]:
+        with self._connection() as conn, conn.transaction():
+            cur = conn.execute(self._q.delete_user, (namespace, user_id))
+            threads = [row["thread_id"] for row in cur.fetchall()]
+            # After the sessions: their "deleted" events go too.
+            conn.execute(self._q.delete_user_events, (namespace, user_id))
+        return threads
+
+    def is_deleted(self, thread_id: str) -> bool:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.is_deleted, (thread_id,))
+            return cur.fetchone() is not None
+
+    def unswept(self, limit: int) -> list[str]:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.unswept, (limit,))
+            return [row["thread_id"] for row in cur.fetchall()]
+
+    def mark_swept(self, thread_ids: list[str]) -> None:
+        with self._connection() as conn:
+            conn.execute(self._q.mark_swept, (thread_ids,))
+
+    def retention_due(self, namespace: str, ended_before: datetime, limit: int) -> list[str]:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.retention_due, (namespace, ended_before, limit))
+            return [row["thread_id"] for row in cur.fetchall()]
+
+    def mark_retained(self, thread_ids: list[str]) -> None:
+        with self._connection() as conn:
+            conn.execute(self._q.mark_retained, (thread_ids,))

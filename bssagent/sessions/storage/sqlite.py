@@ -14,17 +14,33 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ...errors import MigrationError, StorageError, StorageUnavailableError
+from ...errors import (
+    InvalidTransitionError,
+    MigrationError,
+    SessionLimitError,
+    StorageError,
+    StorageUnavailableError,
+)
 from .. import migrations
-from ..model import UserSession
+from ..lifecycle import ENDED, OPEN, Status, check_transition
+from ..model import SessionEvent, SessionStats, UserSession
 from .adoption import plan_adoption
+from .base import NO_LIMITS, Limits
 from .memory import utcnow_after
 
-_COLUMNS = "id, namespace, user_id, thread_id, title, metadata, created_at, updated_at, is_active"
+_COLUMNS = (
+    "id, namespace, user_id, thread_id, title, metadata, created_at, updated_at, is_active,"
+    " status, request_count, error_count, total_processing_time, last_activity_at, ended_at,"
+    " parent_thread_id"
+)
+_EVENT_COLUMNS = "seq, namespace, user_id, thread_id, kind, payload, created_at"
+# Status sets as SQL literals (constants of the code, never user input).
+_OPEN_SQL = "(" + ", ".join(f"'{s}'" for s in OPEN) + ")"
+_ENDED_SQL = "(" + ", ".join(f"'{s}'" for s in ENDED) + ")"
 # sqlite3 reports "cannot reach the file" as OperationalError with one of these messages.
 # "database is locked" is contention, not an outage: it must never trigger the fallback.
 _UNAVAILABLE = ("unable to open", "disk i/o error", "readonly database")
@@ -32,6 +48,38 @@ _UNAVAILABLE = ("unable to open", "disk i/o error", "readonly database")
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
+
+
+def _ts(value: datetime) -> str:
+    """A timestamp as stored: ISO 8601 in UTC with microseconds, so string order is time
+    order (naive values are taken as UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _now() -> str:
+    return _ts(utcnow_after())
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _json(value: Any) -> str:
+    # Sorted keys: the triggers compare metadata as text, so equal objects must be equal text
+    # (as PostgreSQL's jsonb compares them).
+    return json.dumps(value, sort_keys=True)
+
+
+def _value(name: str, value: Any) -> Any:
+    if name == "metadata":
+        return _json(value)
+    if isinstance(value, datetime):
+        return _ts(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _row(row: sqlite3.Row) -> UserSession:
@@ -45,25 +93,54 @@ def _row(row: sqlite3.Row) -> UserSession:
         created_at=datetime.fromisoformat(row["created_at"]),
         updated_at=datetime.fromisoformat(row["updated_at"]),
         is_active=bool(row["is_active"]),
+        status=row["status"],
+        request_count=row["request_count"],
+        error_count=row["error_count"],
+        total_processing_time=row["total_processing_time"],
+        last_activity_at=_dt(row["last_activity_at"]),
+        ended_at=_dt(row["ended_at"]),
+        parent_thread_id=row["parent_thread_id"],
+    )
+
+
+def _event(row: sqlite3.Row) -> SessionEvent:
+    return SessionEvent(
+        seq=row["seq"],
+        namespace=row["namespace"],
+        user_id=row["user_id"],
+        thread_id=row["thread_id"],
+        kind=row["kind"],
+        payload=json.loads(row["payload"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
     )
 
 
 class SqliteStore:
     """Sessions in a SQLite file. Satisfies :class:`~.base.SessionStore`.
 
+    The statistics, the event log and the tombstones are kept by the triggers of
+    ``sql/sqlite/0002_lifecycle.sql``; this class never writes them itself.
+
     Args:
         path: The database file; its folder is created if missing.
         table: The (validated) session table name.
         busy_timeout: Seconds to wait for another process's write lock.
+        limits: Session limits enforced when creating sessions.
     """
 
     backend = "sqlite"
 
-    def __init__(self, path: Path, table: str, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: Path, table: str, busy_timeout: float = 10.0, limits: Limits = NO_LIMITS
+    ) -> None:
         self._path = path
         self._table = table
         self._t = _quote(table)
+        self._stats = _quote(f"{table}_stats")
+        self._events = _quote(f"{table}_events")
+        self._tombstones = _quote(f"{table}_tombstones")
         self._busy_timeout = busy_timeout
+        self._limits = limits
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
 
@@ -181,6 +258,14 @@ class SqliteStore:
         ).fetchone()
         return _row(row) if row else None
 
+    def _select_target(
+        self, cur: sqlite3.Cursor, namespace: str, user_id: str, thread_id: str | None
+    ) -> UserSession | None:
+        """The user's ``thread_id`` session, or their current one when it is ``None``."""
+        if thread_id is None:
+            return self._select_current(cur, namespace, user_id)
+        return self._select_owned(cur, namespace, user_id, thread_id)
+
     def _insert(
         self,
         cur: sqlite3.Cursor,
@@ -190,37 +275,87 @@ class SqliteStore:
         metadata: dict[str, Any],
         thread_id: str,
         *,
-        on_conflict: str = "",
         is_active: bool = True,
         created_at: datetime | None = None,
         updated_at: datetime | None = None,
-    ) -> UserSession | None:
-        now = utcnow_after().isoformat()
+        parent_thread_id: str | None = None,
+    ) -> UserSession:
+        now = _now()
         row = cur.execute(
-            f"INSERT INTO {self._t} "
-            "(namespace, user_id, thread_id, title, metadata, created_at, updated_at, is_active) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) {on_conflict} RETURNING {_COLUMNS}",
+            f"INSERT INTO {self._t} (namespace, user_id, thread_id, title, metadata, created_at,"
+            " updated_at, is_active, last_activity_at, parent_thread_id)"
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_COLUMNS}",
             (
                 namespace,
                 user_id,
                 thread_id,
                 title,
-                json.dumps(metadata),
-                created_at.isoformat() if created_at else now,
-                updated_at.isoformat() if updated_at else now,
+                _json(metadata),
+                _ts(created_at) if created_at else now,
+                _ts(updated_at) if updated_at else now,
                 int(is_active),
+                now,
+                parent_thread_id,
             ),
         ).fetchone()
-        return _row(row) if row else None
+        return _row(row)
 
     def _set(self, cur: sqlite3.Cursor, session: UserSession, **changes: Any) -> UserSession:
-        assignments = ", ".join(f"{name} = ?" for name in changes)
-        values = [json.dumps(v) if k == "metadata" else v for k, v in changes.items()]
+        """Apply ``changes`` (column names from the code, values as parameters) and touch the
+        row: ``updated_at`` moves forward, ``last_activity_at`` is now."""
+        assignments = [f"{name} = ?" for name in changes]
+        assignments += ["updated_at = ?", "last_activity_at = ?"]
+        values = [_value(k, v) for k, v in changes.items()]
         row = cur.execute(
-            f"UPDATE {self._t} SET {assignments}, updated_at = ? WHERE id = ? RETURNING {_COLUMNS}",
-            (*values, utcnow_after(session.updated_at).isoformat(), session.id),
+            f"UPDATE {self._t} SET {', '.join(assignments)} WHERE id = ? RETURNING {_COLUMNS}",
+            (*values, _ts(utcnow_after(session.updated_at)), _now(), session.id),
         ).fetchone()
         return _row(row)
+
+    def _tree(self, root: str) -> str:
+        """``WITH RECURSIVE tree(id, thread_id)``: the user's rows matching ``root`` and all
+        their descendants. Parameters: the root's, namespace, user_id, namespace, user_id."""
+        return (
+            f"WITH RECURSIVE tree(id, thread_id) AS (SELECT id, thread_id FROM {self._t}"
+            f" WHERE {root} AND namespace = ? AND user_id = ?"
+            f" UNION SELECT c.id, c.thread_id FROM {self._t} c"
+            " JOIN tree ON c.parent_thread_id = tree.thread_id"
+            " WHERE c.namespace = ? AND c.user_id = ?) "
+        )
+
+    def _enforce_limits(self, cur: sqlite3.Cursor, namespace: str, user_id: str) -> None:
+        """Raise SessionLimitError (or purge) before a creation, in its transaction: the
+        ``BEGIN IMMEDIATE`` write lock already serializes creators."""
+        limits = self._limits
+        if limits.max_sessions_per_user is not None:
+            (count,) = cur.execute(
+                f"SELECT count(*) FROM {self._t} WHERE namespace = ? AND user_id = ?",
+                (namespace, user_id),
+            ).fetchone()
+            excess = count - limits.max_sessions_per_user + 1
+            if excess > 0 and limits.on_user_limit == "purge":
+                purged = cur.execute(
+                    f"DELETE FROM {self._t} WHERE id IN (SELECT id FROM {self._t}"
+                    f" WHERE namespace = ? AND user_id = ? AND status IN {_ENDED_SQL}"
+                    " ORDER BY id LIMIT ?) RETURNING thread_id",
+                    (namespace, user_id, excess),
+                ).fetchall()
+                excess -= len(purged)
+            if excess > 0:
+                raise SessionLimitError(
+                    f"user {user_id!r} has reached max_sessions_per_user="
+                    f"{limits.max_sessions_per_user}"
+                )
+        if limits.max_active_sessions is not None:
+            (open_sessions,) = cur.execute(
+                f"SELECT coalesce(sum(open_sessions), 0) FROM {self._stats} WHERE namespace = ?",
+                (namespace,),
+            ).fetchone()
+            if open_sessions >= limits.max_active_sessions:
+                raise SessionLimitError(
+                    f"namespace {namespace!r} has reached max_active_sessions="
+                    f"{limits.max_active_sessions}"
+                )
 
     def get_current(self, namespace: str, user_id: str) -> UserSession | None:
         with self._cursor() as cur:
@@ -233,32 +368,22 @@ class SqliteStore:
         if current is not None:
             return current, False
         with self._cursor(write=True) as cur:
-            created = self._insert(
-                cur,
-                namespace,
-                user_id,
-                title,
-                metadata,
-                thread_id,
-                on_conflict="ON CONFLICT (namespace, user_id) WHERE is_active DO NOTHING",
-            )
-            if created is not None:
-                return created, True
-            # Another process won the race; under BEGIN IMMEDIATE its row is visible.
+            # Another process may have won the race; under BEGIN IMMEDIATE its row is visible.
             current = self._select_current(cur, namespace, user_id)
-            assert current is not None
-            return current, False
+            if current is not None:
+                return current, False
+            self._enforce_limits(cur, namespace, user_id)
+            return self._insert(cur, namespace, user_id, title, metadata, thread_id), True
 
     def create(
         self, namespace: str, user_id: str, title: str, metadata: dict[str, Any], thread_id: str
     ) -> UserSession:
         with self._cursor(write=True) as cur:
+            self._enforce_limits(cur, namespace, user_id)
             previous = self._select_current(cur, namespace, user_id)
             if previous is not None:
-                self._set(cur, previous, is_active=0)
-            created = self._insert(cur, namespace, user_id, title, metadata, thread_id)
-            assert created is not None
-            return created
+                self._set(cur, previous, is_active=False)
+            return self._insert(cur, namespace, user_id, title, metadata, thread_id)
 
     def get(self, namespace: str, user_id: str, thread_id: str) -> UserSession | None:
         with self._cursor() as cur:
@@ -268,35 +393,38 @@ class SqliteStore:
         self, namespace: str, user_id: str, thread_id: str | None, fields: dict[str, Any]
     ) -> UserSession | None:
         with self._cursor(write=True) as cur:
-            session = (
-                self._select_current(cur, namespace, user_id)
-                if thread_id is None
-                else self._select_owned(cur, namespace, user_id, thread_id)
-            )
+            session = self._select_target(cur, namespace, user_id, thread_id)
             return None if session is None else self._set(cur, session, **fields)
 
     def deactivate(self, namespace: str, user_id: str) -> UserSession | None:
         with self._cursor(write=True) as cur:
             session = self._select_current(cur, namespace, user_id)
-            return None if session is None else self._set(cur, session, is_active=0)
+            return None if session is None else self._set(cur, session, is_active=False)
 
     def switch(self, namespace: str, user_id: str, thread_id: str) -> UserSession | None:
         with self._cursor(write=True) as cur:
             target = self._select_owned(cur, namespace, user_id, thread_id)
             if target is None or target.is_active:
                 return target
+            if target.status not in OPEN:
+                raise InvalidTransitionError(
+                    f"session {thread_id!r} is {target.status!r}: only an open session can be"
+                    " the current one"
+                )
             previous = self._select_current(cur, namespace, user_id)
             if previous is not None:
-                self._set(cur, previous, is_active=0)
-            return self._set(cur, target, is_active=1)
+                self._set(cur, previous, is_active=False)
+            return self._set(cur, target, is_active=True)
 
-    def delete(self, namespace: str, user_id: str, thread_id: str) -> bool:
+    def delete(self, namespace: str, user_id: str, thread_id: str) -> list[str]:
         with self._cursor(write=True) as cur:
-            cur.execute(
-                f"DELETE FROM {self._t} WHERE thread_id = ? AND namespace = ? AND user_id = ?",
-                (thread_id, namespace, user_id),
-            )
-            return cur.rowcount > 0
+            rows = cur.execute(
+                self._tree("thread_id = ?")
+                + f"DELETE FROM {self._t} WHERE id IN (SELECT id FROM tree) RETURNING thread_id",
+                (thread_id, namespace, user_id, namespace, user_id),
+            ).fetchall()
+        # The session's own thread first.
+        return sorted((r["thread_id"] for r in rows), key=lambda t: t != thread_id)
 
     def list_active(self, namespace: str, limit: int, before_id: int | None) -> list[UserSession]:
         return self._page("namespace = ? AND is_active", (namespace,), limit, before_id)
@@ -329,19 +457,21 @@ class SqliteStore:
             if stored is not None and plan.action == "keep":
                 return stored
             if stored is not None:
+                # An ended session never becomes the current one again.
+                is_active = plan.is_active and stored.status in OPEN
                 row = cur.execute(
                     f"UPDATE {self._t} SET title = ?, metadata = ?, is_active = ?, updated_at = ?"
                     f" WHERE id = ? RETURNING {_COLUMNS}",
                     (
                         session.title,
-                        json.dumps(plan.metadata),
-                        int(plan.is_active),
-                        session.updated_at.isoformat(),
+                        _json(plan.metadata),
+                        int(is_active),
+                        _ts(session.updated_at),
                         stored.id,
                     ),
                 ).fetchone()
                 return _row(row)
-            adopted = self._insert(
+            return self._insert(
                 cur,
                 session.namespace,
                 session.user_id,
@@ -352,8 +482,219 @@ class SqliteStore:
                 created_at=session.created_at,
                 updated_at=session.updated_at,
             )
-            assert adopted is not None
-            return adopted
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def transition(
+        self, namespace: str, user_id: str, thread_id: str | None, target: Status, cascade: bool
+    ) -> UserSession | None:
+        with self._cursor(write=True) as cur:
+            session = self._select_target(cur, namespace, user_id, thread_id)
+            if session is None:
+                return None
+            check_transition(session.status, target, session.thread_id)
+            if target not in ENDED:
+                return self._set(cur, session, status=target)
+            updated = self._set(
+                cur, session, status=target, is_active=False, ended_at=utcnow_after()
+            )
+            if cascade:
+                self._end_descendants(cur, namespace, user_id, session.thread_id, target)
+            return updated
+
+    def _end_descendants(
+        self, cur: sqlite3.Cursor, namespace: str, user_id: str, thread_id: str, target: Status
+    ) -> None:
+        rows = cur.execute(
+            self._tree("parent_thread_id = ?") + f"SELECT id, updated_at FROM {self._t}"
+            f" WHERE id IN (SELECT id FROM tree) AND status IN {_OPEN_SQL}",
+            (thread_id, namespace, user_id, namespace, user_id),
+        ).fetchall()
+        if not rows:
+            return
+        now = _now()
+        updated = utcnow_after(max(datetime.fromisoformat(r["updated_at"]) for r in rows))
+        cur.execute(
+            f"UPDATE {self._t} SET status = ?, is_active = 0, ended_at = ?, updated_at = ?,"
+            " last_activity_at = ? WHERE id IN (SELECT value FROM json_each(?))",
+            (target, now, _ts(updated), now, json.dumps([r["id"] for r in rows])),
+        )
+
+    def record_request(
+        self,
+        namespace: str,
+        user_id: str,
+        thread_id: str | None,
+        processing_time: float,
+        error: bool,
+    ) -> UserSession | None:
+        params: tuple[str, ...]
+        if thread_id is None:
+            where, params = "namespace = ? AND user_id = ? AND is_active", (namespace, user_id)
+        else:
+            where = "thread_id = ? AND namespace = ? AND user_id = ?"
+            params = (thread_id, namespace, user_id)
+        with self._cursor(write=True) as cur:
+            row = cur.execute(
+                f"UPDATE {self._t} SET request_count = request_count + 1,"
+                " error_count = error_count + ?,"
+                " total_processing_time = total_processing_time + ?, last_activity_at = ?"
+                f" WHERE {where} RETURNING {_COLUMNS}",
+                (int(error), processing_time, _now(), *params),
+            ).fetchone()
+        return _row(row) if row else None
+
+    def expire_idle(self, namespace: str, idle_before: datetime, batch: int) -> list[str]:
+        with self._cursor(write=True) as cur:
+            rows = cur.execute(
+                f"SELECT id, updated_at FROM {self._t} WHERE namespace = ?"
+                f" AND status IN {_OPEN_SQL} AND last_activity_at < ?"
+                " ORDER BY last_activity_at, id LIMIT ?",
+                (namespace, _ts(idle_before), batch),
+            ).fetchall()
+            if not rows:
+                return []
+            updated = utcnow_after(max(datetime.fromisoformat(r["updated_at"]) for r in rows))
+            expired = cur.execute(
+                f"UPDATE {self._t} SET status = 'expired', is_active = 0, ended_at = ?,"
+                " updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) RETURNING user_id",
+                (_now(), _ts(updated), json.dumps([r["id"] for r in rows])),
+            ).fetchall()
+        return [r["user_id"] for r in expired]
+
+    def stats(self, namespace: str) -> SessionStats:
+        with self._cursor() as cur:
+            row = cur.execute(
+                "SELECT coalesce(sum(sessions), 0) AS sessions,"
+                " coalesce(sum(open_sessions), 0) AS open_sessions,"
+                " coalesce(sum(current_sessions), 0) AS users,"
+                " coalesce(sum(requests), 0) AS requests, coalesce(sum(errors), 0) AS errors,"
+                " coalesce(sum(processing_time), 0) AS total_processing_time"
+                f" FROM {self._stats} WHERE namespace = ?",
+                (namespace,),
+            ).fetchone()
+        return SessionStats.model_validate(dict(row))
+
+    def user_stats(self, namespace: str, user_id: str) -> SessionStats:
+        with self._cursor() as cur:
+            row = cur.execute(
+                "SELECT count(*) AS sessions,"
+                f" coalesce(sum(status IN {_OPEN_SQL}), 0) AS open_sessions,"
+                " coalesce(sum(is_active), 0) AS users,"
+                " coalesce(sum(request_count), 0) AS requests,"
+                " coalesce(sum(error_count), 0) AS errors,"
+                " coalesce(sum(total_processing_time), 0) AS total_processing_time"
+                f" FROM {self._t} WHERE namespace = ? AND user_id = ?",
+                (namespace, user_id),
+            ).fetchone()
+        return SessionStats.model_validate(dict(row))
+
+    def create_child(
+        self,
+        namespace: str,
+        user_id: str,
+        parent_thread_id: str,
+        title: str,
+        metadata: dict[str, Any],
+        thread_id: str,
+    ) -> UserSession | None:
+        with self._cursor(write=True) as cur:
+            if self._select_owned(cur, namespace, user_id, parent_thread_id) is None:
+                return None
+            self._enforce_limits(cur, namespace, user_id)
+            return self._insert(
+                cur,
+                namespace,
+                user_id,
+                title,
+                metadata,
+                thread_id,
+                is_active=False,
+                parent_thread_id=parent_thread_id,
+            )
+
+    def list_children(
+        self, namespace: str, user_id: str, parent_thread_id: str, limit: int, before_id: int | None
+    ) -> list[UserSession]:
+        return self._page(
+            "parent_thread_id = ? AND namespace = ? AND user_id = ?",
+            (parent_thread_id, namespace, user_id),
+            limit,
+            before_id,
+        )
+
+    def events(
+        self, namespace: str, user_id: str, thread_id: str | None, limit: int, after_seq: int | None
+    ) -> list[SessionEvent]:
+        params: tuple[str, ...] = (namespace, user_id)
+        where = "namespace = ? AND user_id = ?"
+        if thread_id is not None:
+            where, params = f"{where} AND thread_id = ?", (*params, thread_id)
+        with self._cursor() as cur:
+            rows = cur.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM {self._events} WHERE {where} AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (*params, after_seq or 0, limit),
+            ).fetchall()
+        return [_event(r) for r in rows]
+
+    def delete_user(self, namespace: str, user_id: str) -> list[str]:
+        with self._cursor(write=True) as cur:
+            rows = cur.execute(
+                f"DELETE FROM {self._t} WHERE namespace = ? AND user_id = ? RETURNING thread_id",
+                (namespace, user_id),
+            ).fetchall()
+            # After the sessions: their "deleted" events go too.
+            cur.execute(
+                f"DELETE FROM {self._events} WHERE namespace = ? AND user_id = ?",
+                (namespace, user_id),
+            )
+        return [r["thread_id"] for r in rows]
+
+    def is_deleted(self, thread_id: str) -> bool:
+        with self._cursor() as cur:
+            row = cur.execute(
+                f"SELECT 1 FROM {self._tombstones} WHERE thread_id = ?", (thread_id,)
+            ).fetchone()
+        return row is not None
+
+    def unswept(self, limit: int) -> list[str]:
+        with self._cursor() as cur:
+            rows = cur.execute(
+                f"SELECT thread_id FROM {self._tombstones} WHERE swept_at IS NULL"
+                " ORDER BY deleted_at, rowid LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [r["thread_id"] for r in rows]
+
+    def mark_swept(self, thread_ids: list[str]) -> None:
+        if not thread_ids:
+            return
+        with self._cursor(write=True) as cur:
+            cur.execute(
+                f"UPDATE {self._tombstones} SET swept_at = ?"
+                " WHERE thread_id IN (SELECT value FROM json_each(?))",
+                (_now(), json.dumps(thread_ids)),
+            )
+
+    def retention_due(self, namespace: str, ended_before: datetime, limit: int) -> list[str]:
+        with self._cursor() as cur:
+            rows = cur.execute(
+                f"SELECT thread_id FROM {self._t} WHERE namespace = ? AND ended_at IS NOT NULL"
+                " AND retained_at IS NULL AND ended_at < ? ORDER BY ended_at LIMIT ?",
+                (namespace, _ts(ended_before), limit),
+            ).fetchall()
+        return [r["thread_id"] for r in rows]
+
+    def mark_retained(self, thread_ids: list[str]) -> None:
+        if not thread_ids:
+            return
+        with self._cursor(write=True) as cur:
+            cur.execute(
+                f"UPDATE {self._t} SET retained_at = ?"
+                " WHERE thread_id IN (SELECT value FROM json_each(?))",
+                (_now(), json.dumps(thread_ids)),
+            )
 
 
 @contextmanager
