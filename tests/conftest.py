@@ -52,7 +52,10 @@ def table_name() -> Iterator[str]:
 
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-                conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+                for suffix in ("", "_stats", "_events", "_tombstones"):
+                    conn.execute(f'DROP TABLE IF EXISTS "{name}{suffix}" CASCADE')
+                for suffix in ("insert", "update", "delete"):
+                    conn.execute(f'DROP FUNCTION IF EXISTS "{name}_track_{suffix}"()')
                 if conn.execute("SELECT to_regclass('bssagent_migrations')").fetchone()[0]:
                     conn.execute("DELETE FROM bssagent_migrations WHERE target = %s", (name,))
         except psycopg.OperationalError:

@@ -331,6 +331,33 @@ class BaseAgent(abc.ABC):
             logger.warning("bssagent: could not record a request (%s)", type(exc).__name__)
 
     @contextmanager
+    def _guarded(self, thread: str) -> Iterator[None]:
+        """After a run (still under its lock): if the thread's session was deleted while it
+        ran, delete what the run wrote, so a run in flight cannot bring a thread back."""
+        try:
+            yield
+        finally:
+            try:
+                if self.session_manager.is_thread_deleted(thread):
+                    (self._own_saver or self._checkpointers.sync()).delete_thread(thread)
+            except BssAgentError as exc:
+                logger.warning("bssagent: post-run deletion check failed (%s)", type(exc).__name__)
+
+    @asynccontextmanager
+    async def _aguarded(self, thread: str) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            try:
+                if await self.async_session_manager.is_thread_deleted(thread):
+                    if self._own_saver is not None:
+                        await self._own_saver.adelete_thread(thread)
+                    else:
+                        await self._checkpointers.adelete_threads([thread])
+            except BssAgentError as exc:
+                logger.warning("bssagent: post-run deletion check failed (%s)", type(exc).__name__)
+
+    @contextmanager
     def _recorded(self, user_id: str | None, thread: str) -> Iterator[None]:
         """Count the run on the user's session: time, and whether it raised (re-raised
         unchanged). A cancelled or abandoned run is not counted."""
@@ -386,7 +413,11 @@ class BaseAgent(abc.ABC):
         strategy = self._strategy(run_strategy)
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
         graph = self._sync_runnable()
-        with self._recorded(user_id, thread), self._locks.hold(thread, strategy, self._run_timeout):
+        with (
+            self._recorded(user_id, thread),
+            self._locks.hold(thread, strategy, self._run_timeout),
+            self._guarded(thread),
+        ):
             return graph.invoke(input, cfg, **kwargs)
 
     def stream(
@@ -409,6 +440,7 @@ class BaseAgent(abc.ABC):
             with (
                 self._recorded(user_id, thread),
                 self._locks.hold(thread, strategy, self._run_timeout),
+                self._guarded(thread),
             ):
                 yield from graph.stream(input, cfg, **kwargs)
 
@@ -433,6 +465,7 @@ class BaseAgent(abc.ABC):
             self._arecorded(user_id, thread),
             self._async_graph() as graph,
             self._locks.ahold(thread, strategy, self._run_timeout),
+            self._aguarded(thread),
         ):
             return await graph.ainvoke(input, cfg, **kwargs)
 
@@ -455,6 +488,7 @@ class BaseAgent(abc.ABC):
             self._arecorded(user_id, thread),
             self._async_graph() as graph,
             self._locks.ahold(thread, strategy, self._run_timeout),
+            self._aguarded(thread),
         ):
             async for chunk in graph.astream(input, cfg, **kwargs):
                 yield chunk

@@ -47,6 +47,19 @@ def check_transition(current: Status, target: Status, thread_id: str) -> None:
         )
 
 
+def check_can_be_current(status: str, parent_thread_id: str | None, thread_id: str) -> None:
+    """Raise :class:`~bssagent.errors.InvalidTransitionError` unless the session may become
+    the user's current one: it must be open, and not a child session."""
+    if status not in OPEN:
+        raise InvalidTransitionError(
+            f"session {thread_id!r} is {status!r}: only an open session can be the current one"
+        )
+    if parent_thread_id is not None:
+        raise InvalidTransitionError(
+            f"session {thread_id!r} is a child session: it cannot be the current one"
+        )
+
+
 def event_for_change(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """The event a row change logs (the SQL triggers of ``sql/*/0002`` do the same)."""
     if new["status"] != old["status"]:

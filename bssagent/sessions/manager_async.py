@@ -6,16 +6,23 @@ import asyncio  # sync: import threading
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from ..checkpointers import Checkpointers
 from ..config import Settings
-from ..errors import InvalidInputError, SessionNotFoundError, StorageUnavailableError
+from ..errors import (
+    InvalidInputError,
+    InvalidTransitionError,
+    SessionLimitError,
+    SessionNotFoundError,
+    StorageUnavailableError,
+)
 from . import validation
 from .lifecycle import Status, end_status
 from .manager_base import (
@@ -189,7 +196,9 @@ class AsyncAgentSessionManager:
         """Run ``primary`` on the configured store, or ``fallback`` on memory if it is down."""
         state = self._state
         if not state.should_try_primary():
-            return fallback(state.memory)
+            served, result = state.in_memory(fallback)
+            if served:
+                return cast(T, result)
         try:
             if not self._ready:
                 await self._setup()
@@ -202,7 +211,21 @@ class AsyncAgentSessionManager:
                 raise
             if state.enter_degraded(exc):
                 await self._store.close()
-            return fallback(state.memory)
+            return cast(T, state.in_memory(fallback, force=True)[1])
+
+    async def _creating(
+        self,
+        primary: Callable[[AsyncSessionStore], Awaitable[T]],
+        fallback: Callable[[MemoryStore], T],
+    ) -> T:
+        """:meth:`_call` for a creation: at a session limit, expire the idle sessions first
+        (with ``session_timeout``) and try once more before raising SessionLimitError."""
+        try:
+            return await self._call(primary, fallback)
+        except SessionLimitError:
+            if self.settings.session_timeout is None or not await self.cleanup_inactive_sessions():
+                raise
+        return await self._call(primary, fallback)
 
     async def _setup(self) -> None:
         async with self._setup_lock:
@@ -213,20 +236,28 @@ class AsyncAgentSessionManager:
                     self.start_cleaner()
 
     async def _reconcile(self) -> None:
-        """The database is back: write the sessions made in memory, then leave degraded mode."""
-        ns = self.namespace
-        # Deletions first, so that nothing deleted during the outage comes back.
-        for user_id, thread_id in self._state.pending_deletions():
-            if thread_id is None:
-                await self._store.delete_user(ns, user_id)
-            else:
-                await self._store.delete(ns, user_id, thread_id)
-        # Ended sessions first: a chat started during the outage replaces the old current
-        # one only once the old one's deactivation is written.
-        sessions = sorted(self._state.memory.sessions(), key=lambda s: s.is_active)
-        for session in sessions:
-            await self._store.adopt(session)
-        self._state.leave_degraded(len(sessions))
+        """The database is back: replay what was written in memory, then leave degraded mode.
+
+        Calls made meanwhile still write to memory; the loop replays again until a pass
+        finds nothing new (replays are idempotent), and leaving degraded mode is atomic with
+        that check, so no write made during the reconciliation is lost.
+        """
+        ns, state = self.namespace, self._state
+        while True:
+            version = state.memory_version()
+            # Deletions first, so that nothing deleted during the outage comes back.
+            for user_id, thread_id in state.pending_deletions():
+                if thread_id is None:
+                    await self._store.delete_user(ns, user_id)
+                else:
+                    await self._store.delete(ns, user_id, thread_id)
+            # Ended sessions first: a chat started during the outage replaces the old
+            # current one only once the old one's deactivation is written.
+            sessions = sorted(state.memory.sessions(), key=lambda s: s.is_active)
+            for session in sessions:
+                await self._store.adopt(session)
+            if state.leave_degraded(len(sessions), version):
+                return
 
     def _new_thread_id(self) -> str:
         return str(uuid.uuid4())
@@ -247,7 +278,7 @@ class AsyncAgentSessionManager:
         title = validation.title(title)
         meta = {} if metadata is None else validation.metadata(metadata)
         ns, thread_id = self.namespace, self._new_thread_id()
-        session = await self._call(
+        session = await self._creating(
             lambda s: s.create(ns, user_id, title, meta, thread_id),
             lambda m: m.create(ns, user_id, title, meta, thread_id),
         )
@@ -273,14 +304,16 @@ class AsyncAgentSessionManager:
         if cached is not None and not cached.is_expired(timeout):
             return cached
         ns, thread_id = self.namespace, self._new_thread_id()
-        session, _ = await self._call(
+        session, _ = await self._creating(
             lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),
             lambda m: m.get_or_create(ns, user_id, title, meta, thread_id),
         )
         if session.is_expired(timeout):
             # Idle past session_timeout: expire it (the next cleanup would) and start anew.
-            await self._transition(user_id, session.thread_id, "expired", cascade=True)
-            session, _ = await self._call(
+            # A concurrent caller may have expired it first: that is the same outcome.
+            with suppress(InvalidTransitionError):
+                await self._transition(user_id, session.thread_id, "expired", cascade=True)
+            session, _ = await self._creating(
                 lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),
                 lambda m: m.get_or_create(ns, user_id, title, meta, thread_id),
             )
@@ -536,6 +569,7 @@ class AsyncAgentSessionManager:
         )
         if session is None:
             raise SessionNotFoundError(f"no such session for user {user_id!r}")
+        self._state.remember(user_id, session)
         return session
 
     async def get_user_stats(self, user_id: str) -> SessionStats:
@@ -564,7 +598,8 @@ class AsyncAgentSessionManager:
         idle = max_idle_seconds if max_idle_seconds is not None else self.settings.session_timeout
         if idle is None:
             raise InvalidInputError("max_idle_seconds", "required when session_timeout is off")
-        cutoff = datetime.now(timezone.utc) - timedelta(seconds=validation.duration(idle))
+        seconds = validation.duration(idle, field="max_idle_seconds")
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=seconds)
         batch, ns, total = self.settings.cleanup_batch_size, self.namespace, 0
         while True:
             users = await self._call(
@@ -599,7 +634,7 @@ class AsyncAgentSessionManager:
         title = validation.title(title)
         meta = {} if metadata is None else validation.metadata(metadata)
         ns, thread_id = self.namespace, self._new_thread_id()
-        child = await self._call(
+        child = await self._creating(
             lambda s: s.create_child(ns, user_id, parent, title, meta, thread_id),
             lambda m: m.create_child(ns, user_id, parent, title, meta, thread_id),
         )
@@ -728,7 +763,8 @@ class AsyncAgentSessionManager:
         strategy = mode or self.settings.retention_mode
         if strategy not in ("keep_latest", "delete"):
             raise InvalidInputError("mode", "must be 'keep_latest' or 'delete'")
-        cutoff = datetime.now(timezone.utc) - timedelta(seconds=validation.duration(period))
+        seconds = validation.duration(period, field="retention_period")
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=seconds)
         ns, total = self.namespace, 0
         while threads := await self._call(
             lambda s: s.retention_due(ns, cutoff, 200), lambda m: m.retention_due(ns, cutoff, 200)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pydantic
 from langchain_core.messages import BaseMessage, message_to_dict
@@ -25,6 +25,7 @@ from .storage.base import Limits
 from .storage.memory import MemoryStore, utcnow_after
 
 logger = logging.getLogger("bssagent.sessions")
+T = TypeVar("T")
 
 DEFAULT_TITLE = "New Chat"
 DEFAULT_PAGE = 100
@@ -102,7 +103,8 @@ class ManagerState:
         )
         self.limits = limits_of(settings)
         self.memory = MemoryStore(limits=self.limits)
-        self._lock = threading.Lock()
+        # Reentrant: fallbacks run under it and may record deletions (which take it too).
+        self._lock = threading.RLock()
         self._since: datetime | None = None
         self._reason: str | None = None
         self._next_retry = 0.0
@@ -163,20 +165,39 @@ class ManagerState:
         with self._lock:
             return list(self._deletions)
 
-    def leave_degraded(self, reconciled: int) -> None:
+    def in_memory(
+        self, fallback: Callable[[MemoryStore], T], force: bool = False
+    ) -> tuple[bool, T | None]:
+        """Run ``fallback`` on the memory store if still degraded (or ``force``), atomically
+        with respect to :meth:`leave_degraded`; ``(False, None)`` if degraded mode ended."""
+        with self._lock:
+            if self._since is None and not force:
+                return False, None
+            return True, fallback(self.memory)
+
+    def memory_version(self) -> int:
+        """Changes to the fallback data so far (writes to memory, deletions recorded)."""
+        with self._lock:
+            return self.memory.writes + len(self._deletions)
+
+    def leave_degraded(self, reconciled: int, version: int) -> bool:
+        """Leave degraded mode if nothing was served from memory since ``version``."""
         with self._lock:
             if self._since is None:
-                return
+                return True
+            if self.memory.writes + len(self._deletions) != version:
+                return False
             self._since = None
             self._reason = None
             self._deletions = []
             self.memory = MemoryStore(limits=self.limits)
-        self.cache.clear()
+            self.cache.clear()
         logger.warning(
             "bssagent: %s storage is back; %d session(s) from memory reconciled",
             self.target.backend,
             reconciled,
         )
+        return True
 
     def location(self) -> str:
         """Where the data lives, safe for logs (no password)."""

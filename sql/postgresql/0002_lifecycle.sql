@@ -89,7 +89,7 @@ BEGIN
     SELECT namespace, hashtext(thread_id) & 15, count(*), count(*) FILTER (WHERE is_active),
            count(*) FILTER (WHERE status IN ('active', 'paused')), sum(request_count),
            sum(error_count), sum(total_processing_time)
-    FROM new_rows GROUP BY 1, 2
+    FROM new_rows GROUP BY 1, 2 ORDER BY 1, 2  -- one lock order for the shards
     ON CONFLICT (namespace, shard) DO UPDATE SET
         sessions = s.sessions + EXCLUDED.sessions,
         current_sessions = s.current_sessions + EXCLUDED.current_sessions,
@@ -119,6 +119,7 @@ BEGIN
     FROM new_rows n JOIN old_rows o USING (id) GROUP BY 1, 2
     HAVING bool_or(n.is_active <> o.is_active OR n.status <> o.status
                    OR n.request_count <> o.request_count)
+    ORDER BY 1, 2
     ON CONFLICT (namespace, shard) DO UPDATE SET
         current_sessions = s.current_sessions + EXCLUDED.current_sessions,
         open_sessions = s.open_sessions + EXCLUDED.open_sessions,
@@ -161,7 +162,7 @@ BEGIN
     SELECT namespace, hashtext(thread_id) & 15, -count(*), -count(*) FILTER (WHERE is_active),
            -count(*) FILTER (WHERE status IN ('active', 'paused')), -sum(request_count),
            -sum(error_count), -sum(total_processing_time)
-    FROM old_rows GROUP BY 1, 2
+    FROM old_rows GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (namespace, shard) DO UPDATE SET
         sessions = s.sessions + EXCLUDED.sessions,
         current_sessions = s.current_sessions + EXCLUDED.current_sessions,

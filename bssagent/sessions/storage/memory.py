@@ -14,8 +14,15 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ...errors import InvalidTransitionError, SessionLimitError
-from ..lifecycle import ENDED, OPEN, Status, check_transition, event_for_change
+from ...errors import SessionLimitError
+from ..lifecycle import (
+    ENDED,
+    OPEN,
+    Status,
+    check_can_be_current,
+    check_transition,
+    event_for_change,
+)
 from ..model import SessionEvent, SessionStats, UserSession, freeze
 from .adoption import plan_adoption
 from .base import NO_LIMITS, Limits
@@ -53,6 +60,9 @@ class MemoryStore:
         # Deleted thread -> whether its checkpoints were swept (insertion order = deletion).
         self._tombstones: dict[str, bool] = {}
         self._retained: set[str] = set()
+        self.writes = 0
+        """Sessions inserted, changed or deleted so far (the fallback's reconciliation
+        compares it before and after a pass)."""
 
     def setup(self) -> None:
         """Nothing to set up."""
@@ -106,11 +116,7 @@ class MemoryStore:
             session = self._owned(namespace, user_id, thread_id)
             if session is None or session.is_active:
                 return session
-            if session.status not in OPEN:
-                raise InvalidTransitionError(
-                    f"session {thread_id!r} is {session.status!r}: only an open session can be"
-                    " the current one"
-                )
+            check_can_be_current(session.status, session.parent_thread_id, thread_id)
             self._deactivate(namespace, user_id)
             return self._replace(session, is_active=True)
 
@@ -136,8 +142,6 @@ class MemoryStore:
         return _page(rows, limit, before_id)
 
     def adopt(self, session: UserSession) -> UserSession:
-        # As the SQL backends: title, metadata, is_active and the timestamps are taken in;
-        # the lifecycle columns keep their stored (or default) values.
         with self._lock:
             stored = self._by_thread.get(session.thread_id)
             current_thread = self._current.get((session.namespace, session.user_id))
@@ -146,24 +150,19 @@ class MemoryStore:
             if stored is not None and plan.action == "keep":
                 return stored
             if stored is not None:
-                # An ended session never becomes the current one again.
-                return self._replace(
-                    stored,
-                    touch=False,
-                    title=session.title,
-                    metadata=plan.metadata,
-                    is_active=plan.is_active and stored.status in OPEN,
-                    updated_at=session.updated_at,
-                )
+                return self._replace(stored, touch=False, **plan.fields)
+            fields = dict(plan.fields)
+            title, metadata = fields.pop("title"), fields.pop("metadata")
+            is_active = fields.pop("is_active")
             return self._insert(
                 session.namespace,
                 session.user_id,
-                session.title,
-                plan.metadata,
+                title,
+                metadata,
                 session.thread_id,
-                is_active=plan.is_active,
+                is_active=is_active,
                 created_at=session.created_at,
-                updated_at=session.updated_at,
+                **fields,
             )
 
     def sessions(self) -> list[UserSession]:
@@ -223,10 +222,17 @@ class MemoryStore:
                 ),
                 key=lambda s: (_activity(s), s.id),
             )[: max(batch, 0)]
-            now = utcnow_after()
+            # The idle sessions and their open descendants: children end with the parent.
+            doomed = {s.thread_id: s for s in idle}
             for session in idle:
-                self._replace(session, touch=False, status="expired", is_active=False, ended_at=now)
-            return [s.user_id for s in idle]
+                for child in self._descendants(session):
+                    if child.status in OPEN:
+                        doomed.setdefault(child.thread_id, child)
+            now = utcnow_after()
+            for session in doomed.values():
+                current = self._by_thread[session.thread_id]
+                self._replace(current, touch=False, status="expired", is_active=False, ended_at=now)
+            return [s.user_id for s in doomed.values()]
 
     def stats(self, namespace: str) -> SessionStats:
         with self._lock:
@@ -373,7 +379,13 @@ class MemoryStore:
             excess = len(mine) - limits.max_sessions_per_user + 1
             if excess > 0 and limits.on_user_limit == "purge":
                 ended = sorted((s for s in mine if s.status in ENDED), key=lambda s: s.id)
-                purge = ended[:excess]
+                # With their descendants, as delete_session does: no orphaned children.
+                chosen: dict[str, UserSession] = {}
+                for session in ended[:excess]:
+                    chosen.setdefault(session.thread_id, session)
+                    for child in self._descendants(session):
+                        chosen.setdefault(child.thread_id, child)
+                purge = list(chosen.values())
                 excess -= len(purge)
             if excess > 0:
                 raise SessionLimitError(
@@ -403,8 +415,12 @@ class MemoryStore:
         created_at: datetime | None = None,
         updated_at: datetime | None = None,
         parent_thread_id: str | None = None,
+        **lifecycle: Any,
     ) -> UserSession:
+        """Store a new session; ``lifecycle`` may carry the other columns (an adoption)."""
+        self.writes += 1
         now = utcnow_after()
+        lifecycle.setdefault("last_activity_at", now)
         session = UserSession(
             id=self._next_id,
             namespace=namespace,
@@ -415,8 +431,8 @@ class MemoryStore:
             created_at=created_at or now,
             updated_at=updated_at or now,
             is_active=is_active,
-            last_activity_at=now,
             parent_thread_id=parent_thread_id,
+            **lifecycle,
         )
         self._next_id += 1
         self._by_thread[thread_id] = session
@@ -436,6 +452,7 @@ class MemoryStore:
         """The one place a stored session changes: applies ``changes``, moves ``updated_at``
         forward (unless given), sets ``last_activity_at`` with ``touch``, keeps the current
         session index and logs the change's event."""
+        self.writes += 1
         changes.setdefault("updated_at", utcnow_after(session.updated_at))
         if touch:
             changes.setdefault("last_activity_at", utcnow_after())
@@ -457,6 +474,7 @@ class MemoryStore:
         """Delete ``sessions`` (in the given order), as the SQL delete triggers do: a
         "deleted" event and a tombstone each."""
         for session in sessions:
+            self.writes += 1
             del self._by_thread[session.thread_id]
             key = (session.namespace, session.user_id)
             if self._current.get(key) == session.thread_id:

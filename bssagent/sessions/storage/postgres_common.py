@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from ...errors import StorageError, StorageUnavailableError
 from ..model import SessionEvent, SessionStats, UserSession
+from .adoption import ADOPTED_FIELDS
 
 # pg_try_advisory_lock key for schema set-up: b"bssagent" as a signed 64-bit integer.
 MIGRATION_LOCK_KEY = int.from_bytes(b"bssagent", "big", signed=True)
@@ -26,6 +27,7 @@ COLUMNS = (
     "created_at", "updated_at", "is_active", "status", "request_count", "error_count",
     "total_processing_time", "last_activity_at", "ended_at", "parent_thread_id",
 )  # fmt: skip
+ADOPT_INSERT = ("namespace", "user_id", "thread_id", "created_at", *ADOPTED_FIELDS)
 EVENT_COLUMNS = ("seq", "namespace", "user_id", "thread_id", "kind", "payload", "created_at")
 # SQLSTATE classes meaning "the server is unreachable or going away", not "your query is bad":
 # 08 connection exception, 53300 too many connections, 57P01-57P05 shutdown / cannot connect.
@@ -191,13 +193,19 @@ def build_queries(table: str) -> Queries:
         insert=q(
             "INSERT INTO {t} " + insert_cols + " VALUES (%s, %s, %s, %s, %s) RETURNING {cols}"
         ),
-        insert_full=q(
-            "INSERT INTO {t} (namespace, user_id, thread_id, title, metadata, created_at,"
-            " updated_at, is_active) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {cols}"
+        insert_full=sql.SQL("INSERT INTO {t} ({names}) VALUES ({values}) RETURNING {cols}").format(
+            t=t,
+            cols=cols,
+            names=sql.SQL(", ").join(map(sql.Identifier, ADOPT_INSERT)),
+            values=sql.SQL(", ").join(map(sql.Placeholder, ADOPT_INSERT)),
         ),
-        overwrite=q(
-            "UPDATE {t} SET title = %s, metadata = %s, is_active = %s, updated_at = %s"
-            " WHERE id = %s RETURNING {cols}"
+        overwrite=sql.SQL("UPDATE {t} SET {assignments} WHERE id = %(id)s RETURNING {cols}").format(
+            t=t,
+            cols=cols,
+            assignments=sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(n), sql.Placeholder(n))
+                for n in ADOPTED_FIELDS
+            ),
         ),
         # Serializes create/switch per user; transaction-scoped, so it works behind poolers.
         lock_user=sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"),
@@ -241,12 +249,18 @@ def build_queries(table: str) -> Queries:
         ),
         record_owned=q(record + owned + " RETURNING {cols}"),
         record_current=q(record + current + " RETURNING {cols}"),
+        # The idle sessions (skipping rows another cleaner holds) and their open
+        # descendants: children end with their parent.
         expire_idle=q(
-            "UPDATE {t} SET status = 'expired', is_active = FALSE, ended_at = now(),"
-            " updated_at = GREATEST(now(), updated_at + interval '1 microsecond')"
-            " WHERE id IN (SELECT id FROM {t} WHERE namespace = %s"
+            "WITH RECURSIVE picked AS (SELECT id, thread_id FROM {t} WHERE namespace = %s"
             " AND status IN ('active', 'paused') AND last_activity_at < %s"
-            " ORDER BY last_activity_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING user_id"
+            " ORDER BY last_activity_at LIMIT %s FOR UPDATE SKIP LOCKED),"
+            " tree AS (SELECT id, thread_id FROM picked UNION"
+            " SELECT c.id, c.thread_id FROM {t} c JOIN tree ON c.parent_thread_id = tree.thread_id)"
+            " UPDATE {t} SET status = 'expired', is_active = FALSE, ended_at = now(),"
+            " updated_at = GREATEST(now(), updated_at + interval '1 microsecond')"
+            " WHERE id IN (SELECT id FROM tree) AND status IN ('active', 'paused')"
+            " RETURNING user_id"
         ),
         stats=q(
             "SELECT coalesce(sum(sessions), 0) AS sessions,"
@@ -291,10 +305,14 @@ def build_queries(table: str) -> Queries:
         ),
         mark_retained=q("UPDATE {t} SET retained_at = now() WHERE thread_id = ANY(%s)"),
         count_user=q("SELECT count(*) AS n FROM {t} WHERE namespace = %s AND user_id = %s"),
+        # The oldest ended sessions with their descendants, as delete_session does.
         purge_ended=q(
-            "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE namespace = %s"
+            "WITH RECURSIVE picked AS (SELECT id, thread_id FROM {t} WHERE namespace = %s"
             " AND user_id = %s AND status IN ('completed', 'failed', 'expired')"
-            " ORDER BY id LIMIT %s) RETURNING thread_id"
+            " ORDER BY id LIMIT %s),"
+            " tree AS (SELECT id, thread_id FROM picked UNION"
+            " SELECT c.id, c.thread_id FROM {t} c JOIN tree ON c.parent_thread_id = tree.thread_id)"
+            " DELETE FROM {t} WHERE id IN (SELECT id FROM tree) RETURNING thread_id"
         ),
         open_in_namespace=q(
             "SELECT coalesce(sum(open_sessions), 0) AS n FROM {stats} WHERE namespace = %s"

@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ...errors import MigrationError, SessionLimitError, StorageError, StorageUnavailableError
 from .. import migrations
-from ..lifecycle import ENDED, Status, check_transition
+from ..lifecycle import ENDED, Status, check_can_be_current, check_transition
 from ..model import SessionEvent, SessionStats, UserSession
 from .adoption import plan_adoption
 from .base import NO_LIMITS, Limits
@@ -285,6 +285,7 @@ class PostgresStore:
             row = cur.fetchone()
             if row is None or row["is_active"]:
                 return to_session(row) if row else None
+            check_can_be_current(row["status"], row["parent_thread_id"], thread_id)
             conn.execute(self._q.deactivate_current, (namespace, user_id))
             cur = conn.execute(self._q.activate, (row["id"],))
             row = cur.fetchone()
@@ -294,7 +295,9 @@ class PostgresStore:
     def delete(self, namespace: str, user_id: str, thread_id: str) -> list[str]:
         with self._connection() as conn:
             cur = conn.execute(self._q.delete_tree, (thread_id, namespace, user_id))
-            return [row["thread_id"] for row in cur.fetchall()]
+            deleted = [row["thread_id"] for row in cur.fetchall()]
+        # The session's own thread first, then its descendants.
+        return sorted(deleted, key=lambda t: t != thread_id)
 
     def list_active(self, namespace: str, limit: int, before_id: int | None) -> list[UserSession]:
         if before_id is None:
@@ -319,27 +322,17 @@ class PostgresStore:
             plan = plan_adoption(session, stored, to_session(row) if row else None)
             if stored is not None and plan.action == "keep":
                 return stored
+            params = {**plan.fields, "metadata": jsonb(plan.metadata)}
             if stored is not None:
-                params: tuple[Any, ...] = (
-                    session.title,
-                    jsonb(plan.metadata),
-                    plan.is_active,
-                    session.updated_at,
-                    stored.id,
-                )
-                cur = conn.execute(self._q.overwrite, params)
+                cur = conn.execute(self._q.overwrite, {**params, "id": stored.id})
             else:
-                params = (
-                    session.namespace,
-                    session.user_id,
-                    session.thread_id,
-                    session.title,
-                    jsonb(plan.metadata),
-                    session.created_at,
-                    session.updated_at,
-                    plan.is_active,
-                )
-                cur = conn.execute(self._q.insert_full, params)
+                identity = {
+                    "namespace": session.namespace,
+                    "user_id": session.user_id,
+                    "thread_id": session.thread_id,
+                    "created_at": session.created_at,
+                }
+                cur = conn.execute(self._q.insert_full, {**params, **identity})
             row = cur.fetchone()
         assert row is not None
         return to_session(row)

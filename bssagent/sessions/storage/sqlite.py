@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import (
-    InvalidTransitionError,
     MigrationError,
     SessionLimitError,
     StorageError,
     StorageUnavailableError,
 )
 from .. import migrations
-from ..lifecycle import ENDED, OPEN, Status, check_transition
+from ..lifecycle import ENDED, OPEN, Status, check_can_be_current, check_transition
 from ..model import SessionEvent, SessionStats, UserSession
 from .adoption import plan_adoption
 from .base import NO_LIMITS, Limits
@@ -312,6 +311,16 @@ class SqliteStore:
         ).fetchone()
         return _row(row)
 
+    def _subtrees(self) -> str:
+        """``WITH RECURSIVE tree(id, thread_id)``: the rows whose ids are in the JSON array
+        parameter, and all their descendants (children are always the same user's)."""
+        return (
+            f"WITH RECURSIVE tree(id, thread_id) AS (SELECT id, thread_id FROM {self._t}"
+            " WHERE id IN (SELECT value FROM json_each(?))"
+            f" UNION SELECT c.id, c.thread_id FROM {self._t} c"
+            " JOIN tree ON c.parent_thread_id = tree.thread_id) "
+        )
+
     def _tree(self, root: str) -> str:
         """``WITH RECURSIVE tree(id, thread_id)``: the user's rows matching ``root`` and all
         their descendants. Parameters: the root's, namespace, user_id, namespace, user_id."""
@@ -334,11 +343,16 @@ class SqliteStore:
             ).fetchone()
             excess = count - limits.max_sessions_per_user + 1
             if excess > 0 and limits.on_user_limit == "purge":
-                purged = cur.execute(
-                    f"DELETE FROM {self._t} WHERE id IN (SELECT id FROM {self._t}"
-                    f" WHERE namespace = ? AND user_id = ? AND status IN {_ENDED_SQL}"
-                    " ORDER BY id LIMIT ?) RETURNING thread_id",
+                oldest = cur.execute(
+                    f"SELECT id FROM {self._t} WHERE namespace = ? AND user_id = ?"
+                    f" AND status IN {_ENDED_SQL} ORDER BY id LIMIT ?",
                     (namespace, user_id, excess),
+                ).fetchall()
+                # With their descendants, as delete_session does: no orphaned children.
+                purged = cur.execute(
+                    self._subtrees()
+                    + f"DELETE FROM {self._t} WHERE id IN (SELECT id FROM tree) RETURNING id",
+                    (json.dumps([r["id"] for r in oldest]),),
                 ).fetchall()
                 excess -= len(purged)
             if excess > 0:
@@ -406,11 +420,7 @@ class SqliteStore:
             target = self._select_owned(cur, namespace, user_id, thread_id)
             if target is None or target.is_active:
                 return target
-            if target.status not in OPEN:
-                raise InvalidTransitionError(
-                    f"session {thread_id!r} is {target.status!r}: only an open session can be"
-                    " the current one"
-                )
+            check_can_be_current(target.status, target.parent_thread_id, thread_id)
             previous = self._select_current(cur, namespace, user_id)
             if previous is not None:
                 self._set(cur, previous, is_active=False)
@@ -456,32 +466,29 @@ class SqliteStore:
             plan = plan_adoption(session, stored, current)
             if stored is not None and plan.action == "keep":
                 return stored
+            # Column names come from ADOPTED_FIELDS (code), values are parameters.
+            names = list(plan.fields)
+            values = [_value(name, value) for name, value in plan.fields.items()]
             if stored is not None:
-                # An ended session never becomes the current one again.
-                is_active = plan.is_active and stored.status in OPEN
+                assignments = ", ".join(f"{name} = ?" for name in names)
                 row = cur.execute(
-                    f"UPDATE {self._t} SET title = ?, metadata = ?, is_active = ?, updated_at = ?"
-                    f" WHERE id = ? RETURNING {_COLUMNS}",
+                    f"UPDATE {self._t} SET {assignments} WHERE id = ? RETURNING {_COLUMNS}",
+                    (*values, stored.id),
+                ).fetchone()
+            else:
+                columns = ["namespace", "user_id", "thread_id", "created_at", *names]
+                row = cur.execute(
+                    f"INSERT INTO {self._t} ({', '.join(columns)})"
+                    f" VALUES ({', '.join('?' * len(columns))}) RETURNING {_COLUMNS}",
                     (
-                        session.title,
-                        _json(plan.metadata),
-                        int(is_active),
-                        _ts(session.updated_at),
-                        stored.id,
+                        session.namespace,
+                        session.user_id,
+                        session.thread_id,
+                        _ts(session.created_at),
+                        *values,
                     ),
                 ).fetchone()
-                return _row(row)
-            return self._insert(
-                cur,
-                session.namespace,
-                session.user_id,
-                session.title,
-                plan.metadata,
-                session.thread_id,
-                is_active=plan.is_active,
-                created_at=session.created_at,
-                updated_at=session.updated_at,
-            )
+            return _row(row)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -555,10 +562,13 @@ class SqliteStore:
             if not rows:
                 return []
             updated = utcnow_after(max(datetime.fromisoformat(r["updated_at"]) for r in rows))
+            # The idle sessions and their open descendants: children end with the parent.
             expired = cur.execute(
-                f"UPDATE {self._t} SET status = 'expired', is_active = 0, ended_at = ?,"
-                " updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) RETURNING user_id",
-                (_now(), _ts(updated), json.dumps([r["id"] for r in rows])),
+                self._subtrees()
+                + f"UPDATE {self._t} SET status = 'expired', is_active = 0, ended_at = ?,"
+                f" updated_at = ? WHERE id IN (SELECT id FROM tree) AND status IN {_OPEN_SQL}"
+                " RETURNING user_id",
+                (json.dumps([r["id"] for r in rows]), _now(), _ts(updated)),
             ).fetchall()
         return [r["user_id"] for r in expired]
 
