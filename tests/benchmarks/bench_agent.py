@@ -85,7 +85,10 @@ def main() -> None:
         import psycopg
 
         with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
-            conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+            for suffix in ("", "_stats", "_events", "_tombstones"):
+                conn.execute(f'DROP TABLE IF EXISTS "{table}{suffix}" CASCADE')
+            for op in ("insert", "update", "delete"):
+                conn.execute(f'DROP FUNCTION IF EXISTS "{table}_track_{op}"()')
             conn.execute("DELETE FROM bssagent_migrations WHERE target = %s", (table,))
 
 
