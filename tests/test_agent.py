@@ -1023,3 +1023,22 @@ def test_unreachable_database_with_fallback_raise_fails_closed(tmp_path: Path) -
         assert not agent.is_degraded
     finally:
         agent.close()
+
+
+def test_an_agent_with_only_its_own_saver_opens_no_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given its own checkpointer and no registry, an agent keeps to it: config-only runs do
+    not open the default SQLite file just to look for tombstones."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("BSSAGENT_DATABASE_URL", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    saver = InMemorySaver()
+    agent = OwnSaverAgent(saver)
+    thread = str(uuid.uuid4())
+    agent.invoke({"messages": ["hello"]}, {"configurable": {"thread_id": thread}})
+    result = agent.invoke({"messages": ["again"]}, {"configurable": {"thread_id": thread}})
+    assert "turn 2" in result["messages"][-1].text
+    assert saver.get_tuple({"configurable": {"thread_id": thread}}) is not None
+    assert not (tmp_path / ".bssagent").exists()
+    agent.close()

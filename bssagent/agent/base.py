@@ -280,15 +280,20 @@ class BaseAgent(abc.ABC):
         """The run's config and thread; a write to a deleted thread (a tombstone) is refused,
         so a late run cannot bring a deleted conversation back."""
         cfg, thread = self._split(config, thread_id)
-        sm = self.session_manager
         if user_id is not None:
+            sm = self.session_manager
             session = (
                 sm.get_or_create_user_session(user_id)
                 if thread is None
                 else sm.get_session(user_id, thread)
             )
             thread = _runnable(session)
-        elif writing and thread is not None and sm.is_thread_deleted(thread):
+        elif (
+            writing
+            and thread is not None
+            and self._tracks_deletions
+            and self.session_manager.is_thread_deleted(thread)
+        ):
             raise _deleted(thread)
         return self._finish(cfg, thread)
 
@@ -300,15 +305,20 @@ class BaseAgent(abc.ABC):
         writing: bool = False,
     ) -> tuple[RunnableConfig, str]:
         cfg, thread = self._split(config, thread_id)
-        sm = self.async_session_manager
         if user_id is not None:
+            sm = self.async_session_manager
             session = (
                 await sm.get_or_create_user_session(user_id)
                 if thread is None
                 else await sm.get_session(user_id, thread)
             )
             thread = _runnable(session)
-        elif writing and thread is not None and await sm.is_thread_deleted(thread):
+        elif (
+            writing
+            and thread is not None
+            and self._tracks_deletions
+            and await self.async_session_manager.is_thread_deleted(thread)
+        ):
             raise _deleted(thread)
         return self._finish(cfg, thread)
 
@@ -330,6 +340,13 @@ class BaseAgent(abc.ABC):
         except BssAgentError as exc:
             logger.warning("bssagent: could not record a request (%s)", type(exc).__name__)
 
+    @property
+    def _tracks_deletions(self) -> bool:
+        """Whether runs check the registry's tombstones: when the agent has a session
+        registry, or keeps its checkpoints in the library's database. An agent given only
+        its own saver opens no registry (and no database file) for this."""
+        return self._sm is not None or self._asm is not None or self._own_saver is None
+
     @contextmanager
     def _guarded(self, thread: str) -> Iterator[None]:
         """After a run (still under its lock): if the thread's session was deleted while it
@@ -338,7 +355,7 @@ class BaseAgent(abc.ABC):
             yield
         finally:
             try:
-                if self.session_manager.is_thread_deleted(thread):
+                if self._tracks_deletions and self.session_manager.is_thread_deleted(thread):
                     (self._own_saver or self._checkpointers.sync()).delete_thread(thread)
             except BssAgentError as exc:
                 logger.warning("bssagent: post-run deletion check failed (%s)", type(exc).__name__)
@@ -349,7 +366,9 @@ class BaseAgent(abc.ABC):
             yield
         finally:
             try:
-                if await self.async_session_manager.is_thread_deleted(thread):
+                if self._tracks_deletions and await self.async_session_manager.is_thread_deleted(
+                    thread
+                ):
                     if self._own_saver is not None:
                         await self._own_saver.adelete_thread(thread)
                     else:
