@@ -752,8 +752,9 @@ class AsyncAgentSessionManager:
         ``retention_period`` seconds (default: the setting); returns how many threads.
 
         ``mode="keep_latest"`` keeps only each thread's latest checkpoint (LangGraph's
-        ``prune``; savers without it are left alone), ``"delete"`` deletes them all. Open
-        sessions are never touched, so resumable threads stay resumable.
+        ``prune``; savers without it, SQLite's and memory's, are left alone and not
+        counted), ``"delete"`` deletes them all. Open sessions are never touched, so resumable
+        threads stay resumable.
         """
         period = (
             retention_period if retention_period is not None else self.settings.retention_period
@@ -769,10 +770,14 @@ class AsyncAgentSessionManager:
         while threads := await self._call(
             lambda s: s.retention_due(ns, cutoff, 200), lambda m: m.retention_due(ns, cutoff, 200)
         ):
-            # sync-only: self._checkpoints.prune(threads, strategy)
-            await self._checkpoints.aprune(threads, strategy)  # sync-drop
+            # sync-only: pruned = self._checkpoints.prune(threads, strategy)
+            pruned = await self._checkpoints.aprune(threads, strategy)  # sync-drop
+            # Marked either way, so a saver without prune is not asked again every round.
             await self._call(lambda s: s.mark_retained(threads), lambda m: m.mark_retained(threads))
-            total += len(threads)
+            if pruned:
+                total += len(threads)
+            else:
+                logger.info("bssagent: this checkpointer has no prune; keep_latest skipped")
         return total
 
     async def run_maintenance(self) -> dict[str, int]:

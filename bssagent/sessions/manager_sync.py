@@ -748,8 +748,9 @@ class AgentSessionManager:
         ``retention_period`` seconds (default: the setting); returns how many threads.
 
         ``mode="keep_latest"`` keeps only each thread's latest checkpoint (LangGraph's
-        ``prune``; savers without it are left alone), ``"delete"`` deletes them all. Open
-        sessions are never touched, so resumable threads stay resumable.
+        ``prune``; savers without it, SQLite's and memory's, are left alone and not
+        counted), ``"delete"`` deletes them all. Open sessions are never touched, so resumable
+        threads stay resumable.
         """
         period = (
             retention_period if retention_period is not None else self.settings.retention_period
@@ -765,9 +766,13 @@ class AgentSessionManager:
         while threads := self._call(
             lambda s: s.retention_due(ns, cutoff, 200), lambda m: m.retention_due(ns, cutoff, 200)
         ):
-            self._checkpoints.prune(threads, strategy)
+            pruned = self._checkpoints.prune(threads, strategy)
+            # Marked either way, so a saver without prune is not asked again every round.
             self._call(lambda s: s.mark_retained(threads), lambda m: m.mark_retained(threads))
-            total += len(threads)
+            if pruned:
+                total += len(threads)
+            else:
+                logger.info("bssagent: this checkpointer has no prune; keep_latest skipped")
         return total
 
     def run_maintenance(self) -> dict[str, int]:
