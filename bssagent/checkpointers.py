@@ -122,33 +122,27 @@ class Checkpointers:
         if self.target.backend == "sqlite":
             from langgraph.checkpoint.sqlite import SqliteSaver
 
-            conn = sqlite3.connect(self._sqlite_path(), check_same_thread=False, timeout=10.0)
-            sqlite_saver = SqliteSaver(conn)
+            db = sqlite3.connect(self._sqlite_path(), check_same_thread=False, timeout=10.0)
+            sqlite_saver = SqliteSaver(db)
             sqlite_saver.setup()
-            return sqlite_saver, conn
+            return sqlite_saver, db
         from langgraph.checkpoint.postgres import PostgresSaver
-        from psycopg import Connection
-        from psycopg_pool import ConnectionPool
 
         from .sessions.storage.postgres_common import connection_kwargs, wrap_errors
-        from .sessions.storage.postgres_sync import migration_lock
+        from .sessions.storage.postgres_sync import migration_lock, open_pool
 
-        s, url = self.settings, self.target.url
-        kwargs = connection_kwargs(s.connect_timeout, s.prepare_threshold)
+        s = self.settings
         with wrap_errors():
-            Connection.connect(url or "", **kwargs).close()  # fail fast when refused
-            pool: ConnectionPool[Any] = ConnectionPool(
-                url or "",
+            pool = open_pool(
+                self.target.url or "",
+                kwargs=connection_kwargs(s.connect_timeout, s.prepare_threshold),
                 min_size=1,
                 max_size=max(2, s.pool_max_size),
                 timeout=s.pool_timeout,
-                kwargs=kwargs,
-                check=ConnectionPool.check_connection,
-                open=False,
+                open_timeout=s.connect_timeout + 1,
                 name="bssagent-checkpoints",
             )
             try:
-                pool.open(wait=True, timeout=s.connect_timeout + 1)
                 saver = PostgresSaver(pool)
                 with pool.connection() as conn, migration_lock(conn, s.migration_lock_timeout):
                     saver.setup()
@@ -208,28 +202,22 @@ class Checkpointers:
 
     async def _open_async_postgres(self) -> tuple[Saver, Any]:
         from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-        from psycopg import AsyncConnection
-        from psycopg_pool import AsyncConnectionPool
 
-        from .sessions.storage.postgres_async import migration_lock
+        from .sessions.storage.postgres_async import migration_lock, open_pool
         from .sessions.storage.postgres_common import connection_kwargs, wrap_errors
 
-        s, url = self.settings, self.target.url or ""
-        kwargs = connection_kwargs(s.connect_timeout, s.prepare_threshold)
+        s = self.settings
         with wrap_errors():
-            await (await AsyncConnection.connect(url, **kwargs)).close()
-            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                url,
+            pool = await open_pool(
+                self.target.url or "",
+                kwargs=connection_kwargs(s.connect_timeout, s.prepare_threshold),
                 min_size=1,
                 max_size=max(2, s.pool_max_size),
                 timeout=s.pool_timeout,
-                kwargs=kwargs,
-                check=AsyncConnectionPool.check_connection,
-                open=False,
+                open_timeout=s.connect_timeout + 1,
                 name="bssagent-checkpoints",
             )
             try:
-                await pool.open(wait=True, timeout=s.connect_timeout + 1)
                 saver = AsyncPostgresSaver(pool)
                 async with (
                     pool.connection() as conn,

@@ -228,48 +228,36 @@ class RunLocks:
                     with suppress(Exception):
                         await conn.execute(_UNLOCK, (thread_id,))
 
+    def _pool_args(self) -> dict[str, Any]:
+        s = self._settings
+        return {
+            "kwargs": self._kwargs(),
+            "min_size": 0,
+            "max_size": self._pool_size,
+            "timeout": s.pool_timeout,
+            "open_timeout": s.connect_timeout + 1,
+            "name": "bssagent-run-locks",
+        }
+
     def _sync_lock_pool(self) -> Any:
-        from psycopg import Connection
-        from psycopg_pool import ConnectionPool
+        from ..sessions.storage.postgres_sync import open_pool
 
         with self._guard:
             if self._sync_pool is None:
-                # Fail fast when the server refuses, instead of waiting out the pool timeout.
-                Connection.connect(self._target.url or "", **self._kwargs()).close()
-                self._sync_pool = ConnectionPool(
-                    self._target.url or "",
-                    min_size=0,
-                    max_size=self._pool_size,
-                    timeout=self._settings.pool_timeout,
-                    kwargs=self._kwargs(),
-                    check=ConnectionPool.check_connection,
-                    name="bssagent-run-locks",
-                    open=True,
-                )
+                self._sync_pool = open_pool(self._target.url or "", **self._pool_args())
             return self._sync_pool
 
     async def _async_lock_pool(self) -> Any:
-        from psycopg import AsyncConnection
-        from psycopg_pool import AsyncConnectionPool
+        from ..sessions.storage.postgres_async import open_pool
 
         loop = asyncio.get_running_loop()
         pool = self._pools.get(loop)
         if pool is None:
-            await (await AsyncConnection.connect(self._target.url or "", **self._kwargs())).close()
-            pool = self._pools.get(loop)  # another task may have made it meanwhile
-        if pool is None:
-            pool = AsyncConnectionPool(
-                self._target.url or "",
-                min_size=0,
-                max_size=self._pool_size,
-                timeout=self._settings.pool_timeout,
-                kwargs=self._kwargs(),
-                check=AsyncConnectionPool.check_connection,
-                open=False,
-                name="bssagent-run-locks",
-            )
-            self._pools[loop] = pool
-            await pool.open()
+            opened = await open_pool(self._target.url or "", **self._pool_args())
+            # Another task of this loop may have opened one meanwhile: keep the first.
+            pool = self._pools.setdefault(loop, opened)
+            if pool is not opened:
+                await opened.close()
         return pool
 
     def close(self) -> None:

@@ -64,6 +64,42 @@ async def migration_lock(conn: AsyncConnection[Any], timeout: float) -> AsyncIte
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
 
+async def open_pool(
+    url: str,
+    *,
+    kwargs: dict[str, Any],
+    min_size: int,
+    max_size: int,
+    timeout: float,
+    open_timeout: float,
+    name: str,
+) -> AsyncConnectionPool[AsyncConnection[DictRow]]:
+    """Open a health-checked pool the way every bssagent pool is opened.
+
+    One direct connection first: a refused or unknown host fails at once here, where a pool
+    would keep retrying in the background until its timeout. The pool is closed again if it
+    cannot open. Errors are psycopg's (wrap them with ``wrap_errors``).
+    """
+    probe = await AsyncConnection.connect(url, **kwargs)
+    await probe.close()
+    pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        kwargs=kwargs,
+        check=AsyncConnectionPool.check_connection,
+        open=False,
+        name=name,
+    )
+    try:
+        await pool.open(wait=True, timeout=open_timeout)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
 class AsyncPostgresStore:
     """Sessions in PostgreSQL. Satisfies :class:`~.base.AsyncSessionStore`.
 
@@ -114,26 +150,15 @@ class AsyncPostgresStore:
             return self._pool
         async with self._pool_lock:
             if self._pool is None:
-                # One direct connection first: a refused or unknown host fails at once here,
-                # where a pool would keep retrying in the background until its timeout.
-                probe = await AsyncConnection.connect(self._url, **self._kwargs)
-                await probe.close()
-                pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
+                self._pool = await open_pool(
                     self._url,
+                    kwargs=self._kwargs,
                     min_size=self._min_size,
                     max_size=self._max_size,
                     timeout=self._pool_timeout,
-                    kwargs=self._kwargs,
-                    check=AsyncConnectionPool.check_connection,
-                    open=False,
+                    open_timeout=self._connect_timeout + 1,
                     name="bssagent",
                 )
-                try:
-                    await pool.open(wait=True, timeout=self._connect_timeout + 1)
-                except BaseException:
-                    await pool.close()
-                    raise
-                self._pool = pool
         return self._pool
 
     @asynccontextmanager

@@ -104,7 +104,6 @@ class Queries:
     activate: sql.Composed
     update_current: sql.Composed
     update_owned: sql.Composed
-    delete: sql.Composed
     list_active: sql.Composed
     list_active_before: sql.Composed
     list_user: sql.Composed
@@ -224,9 +223,6 @@ def build_queries(table: str) -> Queries:
             "UPDATE {t} SET title = COALESCE(%s, title), metadata = COALESCE(%s, metadata), "
             + touch
             + " WHERE thread_id = %s AND namespace = %s AND user_id = %s RETURNING {cols}"
-        ),
-        delete=q(
-            "DELETE FROM {t} WHERE thread_id = %s AND namespace = %s AND user_id = %s RETURNING id"
         ),
         list_active=q(page_active + page_end),
         list_active_before=q(page_active + " AND id < %s" + page_end),

@@ -66,6 +66,42 @@ def migration_lock(conn: Connection[Any], timeout: float) -> Iterator[None]:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
 
+def open_pool(
+    url: str,
+    *,
+    kwargs: dict[str, Any],
+    min_size: int,
+    max_size: int,
+    timeout: float,
+    open_timeout: float,
+    name: str,
+) -> ConnectionPool[Connection[DictRow]]:
+    """Open a health-checked pool the way every bssagent pool is opened.
+
+    One direct connection first: a refused or unknown host fails at once here, where a pool
+    would keep retrying in the background until its timeout. The pool is closed again if it
+    cannot open. Errors are psycopg's (wrap them with ``wrap_errors``).
+    """
+    probe = Connection.connect(url, **kwargs)
+    probe.close()
+    pool: ConnectionPool[Connection[DictRow]] = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        kwargs=kwargs,
+        check=ConnectionPool.check_connection,
+        open=False,
+        name=name,
+    )
+    try:
+        pool.open(wait=True, timeout=open_timeout)
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
 class PostgresStore:
     """Sessions in PostgreSQL. Satisfies :class:`~.base.SessionStore`.
 
@@ -116,26 +152,15 @@ class PostgresStore:
             return self._pool
         with self._pool_lock:
             if self._pool is None:
-                # One direct connection first: a refused or unknown host fails at once here,
-                # where a pool would keep retrying in the background until its timeout.
-                probe = Connection.connect(self._url, **self._kwargs)
-                probe.close()
-                pool: ConnectionPool[Connection[DictRow]] = ConnectionPool(
+                self._pool = open_pool(
                     self._url,
+                    kwargs=self._kwargs,
                     min_size=self._min_size,
                     max_size=self._max_size,
                     timeout=self._pool_timeout,
-                    kwargs=self._kwargs,
-                    check=ConnectionPool.check_connection,
-                    open=False,
+                    open_timeout=self._connect_timeout + 1,
                     name="bssagent",
                 )
-                try:
-                    pool.open(wait=True, timeout=self._connect_timeout + 1)
-                except BaseException:
-                    pool.close()
-                    raise
-                self._pool = pool
         return self._pool
 
     @contextmanager
