@@ -517,3 +517,18 @@ async def test_stream_sse_hides_unexpected_errors() -> None:
         ("error", {"type": "RuntimeError", "message": "the run failed"})
     ]
     await agent.aclose()
+
+
+async def test_stream_sse_counts_the_run_on_the_users_session() -> None:
+    from bssagent import AsyncAgentSessionManager
+    from bssagent.demo import ChatAgent
+
+    async with (
+        AsyncAgentSessionManager(database_url="memory://") as sessions,
+        ChatAgent(OfflineChatModel(), session_manager=sessions) as agent,
+    ):
+        frames = [f async for f in stream_sse(agent, {"messages": ["hi"]}, user_id="u1")]
+        assert frames[-1].startswith("event: final")
+        session = await sessions.get_current_user_session("u1")
+        assert session.request_count == 1
+        assert session.error_count == 0

@@ -51,10 +51,15 @@ async def stream_sse(
     """
     final: BaseMessage | None = None
     try:
+        user_id = kwargs.pop("user_id", None)
+        # Resolved first, for the thread id of the final frame; user_id still goes to the run
+        # so that it is ownership-checked and counted on the session like any other.
         resolved = await agent.aresolve_config(
-            config, user_id=kwargs.pop("user_id", None), thread_id=kwargs.pop("thread_id", None)
+            config, user_id=user_id, thread_id=kwargs.pop("thread_id", None)
         )
-        run = agent.astream(input, resolved, stream_mode=["messages", "values"], **kwargs)
+        run = agent.astream(
+            input, resolved, user_id=user_id, stream_mode=["messages", "values"], **kwargs
+        )
         # aclosing: when the client goes away, the run (and its thread lock) ends at once.
         async with aclosing(run) as chunks:
             async for mode, payload in chunks:
