@@ -336,3 +336,32 @@ def test_generated_sync_twins_are_current() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+# -- connection options ------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_pool_connections_run_without_jit_and_keep_the_dsns_own_options(
+    pg_url: str, table_name: str
+) -> None:
+    # JIT compiling a short statement costs ~15 ms (the expiry probe went 0.5 -> 10 ms).
+    sep = "&" if "?" in pg_url else "?"
+    custom = f"{pg_url}{sep}options=-c%20application_name%3Dmine"
+    for url, app in ((pg_url, None), (custom, "mine")):
+        store = PostgresStore(url, table_name)
+        try:
+            with store._connection() as conn:
+                assert conn.execute("SHOW jit").fetchone() == {"jit": "off"}
+                if app is not None:
+                    row = conn.execute("SHOW application_name").fetchone()
+                    assert row == {"application_name": app}
+        finally:
+            store.close()
+    # A DSN that chooses jit itself is obeyed.
+    store = PostgresStore(f"{pg_url}{sep}options=-c%20jit%3Don", table_name)
+    try:
+        with store._connection() as conn:
+            assert conn.execute("SHOW jit").fetchone() == {"jit": "on"}
+    finally:
+        store.close()

@@ -5,6 +5,7 @@ the queries (composed once with :mod:`psycopg.sql`), error translation, connecti
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -70,6 +72,18 @@ def connection_kwargs(connect_timeout: float, prepare_threshold: int | None) -> 
         # libpq counts whole seconds, and treats values below 2 as 2.
         "connect_timeout": max(2, math.ceil(connect_timeout)),
     }
+
+
+def server_options(url: str) -> str:
+    """libpq ``options`` for bssagent connections: the caller's own (from the DSN, else
+    ``PGOPTIONS``) plus ``jit=off`` unless they set ``jit`` themselves.
+
+    Every bssagent statement is short. A planner estimate above ``jit_above_cost`` (easy with
+    a recursive CTE on a big table) makes PostgreSQL spend ~15 ms compiling a query that runs
+    in 0.4 ms: measured on the expiry probe, 10 ms instead of 0.5 ms.
+    """
+    given = str(conninfo_to_dict(url).get("options") or os.environ.get("PGOPTIONS", ""))
+    return given if "jit" in given else f"{given} -c jit=off".strip()
 
 
 def to_session(row: dict[str, Any]) -> UserSession:
