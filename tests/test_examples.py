@@ -178,6 +178,55 @@ def test_async_example_on_postgres(
     assert sorted(t for _, t in stored) == sorted(threads)
 
 
+# -- examples/memory_example.py -------------------------------------------------------------
+
+
+def check_memory_example(out: str) -> list[str]:
+    """The preference told in alice's first session reaches her second one, not bob's."""
+    said = re.findall(rf"^\[(\w+) @ ({THREAD_RE})\] (.*)$", out, re.MULTILINE)
+    assert [(user, text) for user, _, text in said] == [
+        ("alice", "Hi! Remember that my favourite city is Lisbon."),
+        ("alice", "What do you know about me?"),
+        ("bob", "What do you know about me?"),
+    ]
+    assert said[0][1] != said[1][1], "alice's second question must be in a new session"
+    replies = re.findall(r"^  agent: (.*)$", out, re.MULTILINE)
+    assert replies[1].endswith(
+        "[What you know about this user: favourite city = Lisbon; language = Portuguese.]"
+    )
+    assert replies[2].endswith("[What you know about this user: nothing yet.]")
+    assert "alice's preferences: {'language': 'Portuguese'}" in out
+    assert "bob's preferences: {}" in out
+    return [thread for _, thread, _ in said]
+
+
+@pytest.mark.timeout(120)
+def test_memory_example_on_sqlite_twice(tmp_path: Path) -> None:
+    for _ in range(2):  # the second run starts from the first run's database
+        proc = run([sys.executable, str(EXAMPLES / "memory_example.py")], tmp_path, clean_env())
+        check_memory_example(proc.stdout)
+
+
+@pytest.mark.timeout(120)
+def test_memory_example_on_postgres(
+    tmp_path: Path, pg_url: str, table_name: str, pg_threads: list[str]
+) -> None:
+    env = clean_env(BSSAGENT_DATABASE_URL=pg_url, BSSAGENT_TABLE_NAME=table_name)
+    proc = run([sys.executable, str(EXAMPLES / "memory_example.py")], tmp_path, env)
+    pg_threads.extend(check_memory_example(proc.stdout))
+    with psycopg.connect(pg_url) as conn:
+        users = conn.execute(
+            "SELECT prefix, key FROM store WHERE prefix LIKE 'bssagent.default.users.alice.%'"
+            " ORDER BY key"
+        ).fetchall()
+    assert users == [
+        ("bssagent.default.users.alice.facts", "favourite city"),
+        ("bssagent.default.users.alice.preferences", "language"),
+    ]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM store WHERE prefix LIKE 'bssagent.default.users.%'")
+
+
 # -- examples/fastapi_app.py ----------------------------------------------------------------
 
 

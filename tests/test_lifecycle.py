@@ -105,8 +105,8 @@ class Manager:
     async def state(self, thread_id: str) -> dict[str, Any] | None:
         """The latest checkpoint's values of a thread, from this manager's saver."""
         if self.is_async:
-            return await self.manager.checkpoints.astate(thread_id)
-        return self.manager.checkpoints.state(thread_id)
+            return await self.manager.persistence.astate(thread_id)
+        return self.manager.persistence.state(thread_id)
 
     async def close_agent(self, agent: BaseAgent) -> None:
         if self.is_async:
@@ -1173,7 +1173,7 @@ async def test_retention_prunes_ended_sessions_only(
         await mgr.run(agent, text, user_id="alice")
 
     def history(thread: str) -> int:
-        saver = mgr.manager.checkpoints.sync()
+        saver = mgr.manager.persistence.sync()
         return len(list(saver.list({"configurable": {"thread_id": thread}})))
 
     kept_open = history(open_.thread_id)

@@ -7,17 +7,18 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import StateGraph
 from langgraph.pregel import Pregel
+from langgraph.store.base import BaseStore, IndexConfig
 from langgraph.types import Command, StateSnapshot
+from typing_extensions import Self
 
-from ..checkpointers import Checkpointers, Saver
 from ..config import Settings
 from ..errors import (
     BssAgentError,
@@ -26,12 +27,14 @@ from ..errors import (
     InvalidTransitionError,
     SessionNotFoundError,
 )
+from ..persistence import Persistence, Saver
 from ..sessions import validation
 from ..sessions.manager_async import AsyncAgentSessionManager
 from ..sessions.manager_sync import AgentSessionManager
 from ..sessions.model import UserSession
 from ..sessions.storage.memory import MemoryStore
 from ..sessions.storage.offload import AsyncOffloaded
+from ..store_scope import Namespace, ScopedStore, session_root, user_root
 from .run_lock import RunLocks, RunStrategy
 
 logger = logging.getLogger("bssagent.agent")
@@ -79,10 +82,20 @@ class BaseAgent(abc.ABC):
 
     Runs on one thread never interleave (see :mod:`bssagent.agent.run_lock`).
 
+    Nodes get a LangGraph store (``store: BaseStore`` or ``runtime.store``) scoped to the
+    run's user: namespaces are relative to that user's memory, so a node reads and writes
+    ``("preferences",)`` or ``("memories",)`` of this user and cannot name another user's
+    (see :mod:`bssagent.store_scope`). The user is ``user_id=``, else the owner of the
+    thread in the registry; a thread nobody owns gets memory of its own. The user id is
+    also in ``config["configurable"]["user_id"]`` for ``user_id=`` runs.
+
     Args:
         name: The agent's name.
         description: What it does.
         checkpointer: A LangGraph saver to use instead of the default one.
+        memory_store: A LangGraph store to use instead of the default one (still scoped
+            per user).
+        memory_index: LangGraph's ``IndexConfig`` for semantic search in the default store.
         session_manager: The registry for ``user_id=`` calls; default: one built from
             ``settings`` (sync and async twins are made from each other's settings).
         settings: Configuration; default: from the environment (or the manager's).
@@ -100,6 +113,8 @@ class BaseAgent(abc.ABC):
         description: str = "",
         *,
         checkpointer: BaseCheckpointSaver[Any] | None = None,
+        memory_store: BaseStore | None = None,
+        memory_index: IndexConfig | None = None,
         session_manager: AgentSessionManager | AsyncAgentSessionManager | None = None,
         settings: Settings | None = None,
         run_strategy: RunStrategy = "enqueue",
@@ -124,11 +139,12 @@ class BaseAgent(abc.ABC):
         )
         # One set of savers per database: shared with the manager, so deleting a session
         # through the manager deletes the checkpoints this agent wrote (memory:// too).
-        self._checkpointers = (
-            session_manager.checkpoints
+        self._persistence = (
+            session_manager.persistence
             if session_manager is not None
-            else Checkpointers(self.settings)
+            else Persistence(self.settings, store=memory_store, index=memory_index)
         )
+        self._own_store = memory_store
         self._locks = RunLocks(self.settings)
         self._run_strategy: RunStrategy = run_strategy
         self._run_timeout = run_timeout
@@ -161,6 +177,8 @@ class BaseAgent(abc.ABC):
             )
         if isinstance(graph.checkpointer, BaseCheckpointSaver):
             self._own_saver = graph.checkpointer
+        if isinstance(graph.store, BaseStore):
+            self._own_store = graph.store
         self._compiled = graph
         self._sync_graph = None
 
@@ -173,8 +191,39 @@ class BaseAgent(abc.ABC):
     def _graph_for(self, saver: Saver) -> Pregel[Any, Any, Any, Any]:
         return self.graph.copy(update={"checkpointer": saver})
 
+    def _with_store(
+        self, graph: Pregel[Any, Any, Any, Any], user_id: str | None, thread: str
+    ) -> Pregel[Any, Any, Any, Any]:
+        """``graph`` with a store scoped to the run's user (opened on the node's first use)."""
+        own, p = self._own_store, self._persistence
+        base = own if own is not None else p.store
+        abase = None if own is not None else p.async_store
+        if user_id is not None:
+            store = ScopedStore(base, user_root(self.settings.namespace, user_id), abase=abase)
+        else:
+            store = ScopedStore(
+                base,
+                lambda: self._thread_root(thread),
+                abase=abase,
+                aroot=lambda: self._athread_root(thread),
+            )
+        return graph.copy(update={"store": store})
+
+    def _thread_root(self, thread: str) -> Namespace:
+        """Memory of the thread's owner; a thread nobody owns has its own."""
+        owner = self.session_manager._thread_owner(thread) if self._tracks_deletions else None
+        return session_root(thread) if owner is None else user_root(self.settings.namespace, owner)
+
+    async def _athread_root(self, thread: str) -> Namespace:
+        owner = (
+            await self.async_session_manager._thread_owner(thread)
+            if self._tracks_deletions
+            else None
+        )
+        return session_root(thread) if owner is None else user_root(self.settings.namespace, owner)
+
     def _sync_runnable(self) -> Pregel[Any, Any, Any, Any]:
-        saver = self._own_saver or self._checkpointers.sync()
+        saver = self._own_saver or self._persistence.sync()
         graph = self._sync_graph
         # The saver changes when the database goes down (memory) and comes back.
         if graph is None or graph.checkpointer is not saver:
@@ -195,7 +244,7 @@ class BaseAgent(abc.ABC):
                 self._sm = AgentSessionManager(
                     settings=self.settings,
                     store=shared.sync if isinstance(shared, AsyncOffloaded) else None,
-                    checkpointer=self._checkpointers,
+                    checkpointer=self._persistence,
                 )
                 if self._asm is not None:
                     # One cache for both twins, so neither serves a thread the other replaced.
@@ -211,7 +260,7 @@ class BaseAgent(abc.ABC):
                 shared = self._sm.store if self._sm is not None else None
                 self._asm = AsyncAgentSessionManager(
                     settings=self.settings,
-                    checkpointer=self._checkpointers,
+                    checkpointer=self._persistence,
                     store=AsyncOffloaded(shared, offload=False)
                     if isinstance(shared, MemoryStore)
                     else None,
@@ -225,7 +274,7 @@ class BaseAgent(abc.ABC):
     def is_degraded(self) -> bool:
         """True while sessions or checkpoints are kept in memory only."""
         managers = [m for m in (self._sm, self._asm) if m is not None]
-        return self._checkpointers.is_degraded or any(m.is_degraded for m in managers)
+        return self._persistence.is_degraded or any(m.is_degraded for m in managers)
 
     @staticmethod
     def _split(
@@ -288,6 +337,7 @@ class BaseAgent(abc.ABC):
                 else sm.get_session(user_id, thread)
             )
             thread = _runnable(session)
+            cfg["configurable"]["user_id"] = user_id
         elif (
             writing
             and thread is not None
@@ -313,6 +363,7 @@ class BaseAgent(abc.ABC):
                 else await sm.get_session(user_id, thread)
             )
             thread = _runnable(session)
+            cfg["configurable"]["user_id"] = user_id
         elif (
             writing
             and thread is not None
@@ -356,7 +407,7 @@ class BaseAgent(abc.ABC):
         finally:
             try:
                 if self._tracks_deletions and self.session_manager.is_thread_deleted(thread):
-                    (self._own_saver or self._checkpointers.sync()).delete_thread(thread)
+                    (self._own_saver or self._persistence.sync()).delete_thread(thread)
             except BssAgentError as exc:
                 logger.warning("bssagent: post-run deletion check failed (%s)", type(exc).__name__)
 
@@ -372,7 +423,7 @@ class BaseAgent(abc.ABC):
                     if self._own_saver is not None:
                         await self._own_saver.adelete_thread(thread)
                     else:
-                        await self._checkpointers.adelete_threads([thread])
+                        await self._persistence.adelete_threads([thread])
             except BssAgentError as exc:
                 logger.warning("bssagent: post-run deletion check failed (%s)", type(exc).__name__)
 
@@ -431,7 +482,7 @@ class BaseAgent(abc.ABC):
         """
         strategy = self._strategy(run_strategy)
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
-        graph = self._sync_runnable()
+        graph = self._with_store(self._sync_runnable(), user_id, thread)
         with (
             self._recorded(user_id, thread),
             self._locks.hold(thread, strategy, self._run_timeout),
@@ -453,7 +504,7 @@ class BaseAgent(abc.ABC):
         iterator is exhausted or closed. Arguments are checked before iteration starts."""
         strategy = self._strategy(run_strategy)
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
-        graph = self._sync_runnable()
+        graph = self._with_store(self._sync_runnable(), user_id, thread)
 
         def run() -> Iterator[Any]:
             with (
@@ -486,6 +537,7 @@ class BaseAgent(abc.ABC):
             self._locks.ahold(thread, strategy, self._run_timeout),
             self._aguarded(thread),
         ):
+            graph = self._with_store(graph, user_id, thread)
             return await graph.ainvoke(input, cfg, **kwargs)
 
     async def astream(
@@ -509,8 +561,14 @@ class BaseAgent(abc.ABC):
             self._locks.ahold(thread, strategy, self._run_timeout),
             self._aguarded(thread),
         ):
-            async for chunk in graph.astream(input, cfg, **kwargs):
-                yield chunk
+            graph = self._with_store(graph, user_id, thread)
+            # aclosing: an abandoned stream must finish LangGraph's run (its pending
+            # checkpoint writes) before the saver's connection and the thread are released;
+            # `async for` alone leaves the inner generator to the garbage collector.
+            run = cast(AsyncGenerator[Any, None], graph.astream(input, cfg, **kwargs))
+            async with aclosing(run) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     @asynccontextmanager
     async def _async_graph(self) -> AsyncIterator[Pregel[Any, Any, Any, Any]]:
@@ -518,7 +576,7 @@ class BaseAgent(abc.ABC):
             _check_pairing(self._own_saver, want_async=True)
             yield self._graph_for(self._own_saver)
             return
-        async with self._checkpointers.async_saver() as saver:
+        async with self._persistence.async_saver() as saver:
             yield self._graph_for(saver)
 
     def continue_execution(
@@ -622,7 +680,7 @@ class BaseAgent(abc.ABC):
             SessionNotFoundError: The thread is not one of the user's sessions.
         """
         session = self.session_manager.get_session(user_id, thread_id)
-        saver = self._own_saver or self._checkpointers.sync()
+        saver = self._own_saver or self._persistence.sync()
         with self._locks.hold(session.thread_id, "enqueue", self._run_timeout):
             saver.delete_thread(session.thread_id)
             self.session_manager.delete_session(user_id, session.thread_id)
@@ -636,7 +694,7 @@ class BaseAgent(abc.ABC):
             if self._own_saver is not None:
                 await self._own_saver.adelete_thread(session.thread_id)
             else:
-                async with self._checkpointers.async_saver() as saver:
+                async with self._persistence.async_saver() as saver:
                     await saver.adelete_thread(session.thread_id)
             await self.async_session_manager.delete_session(user_id, session.thread_id)
 
@@ -648,7 +706,7 @@ class BaseAgent(abc.ABC):
         The agent stays usable: a later call opens what it needs again.
         """
         self._sync_graph = None
-        self._checkpointers.close()
+        self._persistence.close()
         self._locks.close()
         for manager in self._owned_managers:
             if isinstance(manager, AgentSessionManager):
@@ -656,14 +714,14 @@ class BaseAgent(abc.ABC):
 
     async def aclose(self) -> None:
         """Async :meth:`close`, also closing this event loop's async connections."""
-        await self._checkpointers.aclose()
+        await self._persistence.aclose()
         await self._locks.aclose()
         for manager in self._owned_managers:
             if isinstance(manager, AsyncAgentSessionManager):
                 await manager.close()
         self.close()
 
-    def __enter__(self) -> BaseAgent:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -674,7 +732,7 @@ class BaseAgent(abc.ABC):
     ) -> None:
         self.close()
 
-    async def __aenter__(self) -> BaseAgent:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

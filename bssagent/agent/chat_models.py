@@ -13,7 +13,13 @@ from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 logger = logging.getLogger("bssagent.agent")
@@ -26,7 +32,8 @@ class OfflineChatModel(BaseChatModel):
 
     Its reply quotes the latest user message and counts the user's turns in the
     conversation it was given, so a reply such as ``turn 3`` proves the conversation's
-    history reached the model (for example, after a process restart).
+    history reached the model (for example, after a process restart). System messages are
+    echoed in brackets, so a reply shows what context (such as a user's memory) it got.
     """
 
     name_prefix: str = "offline"
@@ -39,9 +46,11 @@ class OfflineChatModel(BaseChatModel):
         user_turns = [m for m in messages if isinstance(m, HumanMessage)]
         last = user_turns[-1].text if user_turns else ""
         quoted = last if len(last) <= 80 else last[:77] + "..."
+        context = " ".join(m.text for m in messages if isinstance(m, SystemMessage))
         return (
             f"[{self.name_prefix} model] You said: {quoted!r}. "
             f"This is turn {len(user_turns)} of our conversation."
+            + (f" [{context}]" if context else "")
         )
 
     def _generate(

@@ -15,8 +15,9 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.store.base import BaseStore, IndexConfig, Item, Op, PutOp, SearchOp
+from typing_extensions import Self
 
-from ..checkpointers import Checkpointers
 from ..config import Settings
 from ..errors import (
     InvalidInputError,
@@ -24,6 +25,18 @@ from ..errors import (
     SessionLimitError,
     SessionNotFoundError,
     StorageUnavailableError,
+)
+from ..persistence import Persistence
+from ..store_scope import (
+    PREFERENCES,
+    Namespace,
+    ScopedStore,
+    app_root,
+    item_dict,
+    preference_ops,
+    read_preferences,
+    session_root,
+    user_root,
 )
 from . import validation
 from .lifecycle import Status, end_status
@@ -99,6 +112,11 @@ class AgentSessionManager:
             satisfying the storage contract in :mod:`bssagent.sessions.storage.base`).
         checkpointer: The LangGraph saver holding the conversations, for deleting, pruning
             and exporting them; default: LangGraph's saver on the same database.
+        memory_store: The LangGraph store holding long-term memory and preferences;
+            default: LangGraph's store on the same database.
+        memory_index: LangGraph's ``IndexConfig`` (``dims``, ``embed``, ``fields``) for
+            semantic search over memories in the default store (PostgreSQL needs the
+            ``pgvector`` extension).
         **options: Any other :class:`~bssagent.config.Settings` field
             (``connect_timeout``, ``pool_max_size``, ``prepare_threshold``, ...).
 
@@ -117,7 +135,9 @@ class AgentSessionManager:
         fallback: str | None = None,
         settings: Settings | None = None,
         store: SessionStore | None = None,
-        checkpointer: BaseCheckpointSaver[Any] | Checkpointers | None = None,
+        checkpointer: BaseCheckpointSaver[Any] | Persistence | None = None,
+        memory_store: BaseStore | None = None,
+        memory_index: IndexConfig | None = None,
         **options: Any,
     ) -> None:
         resolved = build_settings(
@@ -134,10 +154,10 @@ class AgentSessionManager:
         )
         self._state = ManagerState(resolved)
         self._store = store if store is not None else _open_store(self._state)
-        self._checkpoints = (
+        self._persistence = (
             checkpointer
-            if isinstance(checkpointer, Checkpointers)
-            else Checkpointers(resolved, checkpointer)
+            if isinstance(checkpointer, Persistence)
+            else Persistence(resolved, checkpointer, memory_store, memory_index)
         )
         self._cleaner: Any = None
         self._wake = threading.Event()
@@ -168,9 +188,10 @@ class AgentSessionManager:
         return self._store
 
     @property
-    def checkpoints(self) -> Checkpointers:
-        """The LangGraph savers of this manager's database (shared with its agents)."""
-        return self._checkpoints
+    def persistence(self) -> Persistence:
+        """LangGraph's savers and stores on this manager's database (shared with its
+        agents)."""
+        return self._persistence
 
     @property
     def location(self) -> str:
@@ -659,7 +680,7 @@ class AgentSessionManager:
             lambda m: m.list_children(ns, user_id, parent, limit, cursor),
         )
 
-    # -- event log, privacy, housekeeping -----------------------------------------------------
+    # -- event log ------------------------------------------------------------------------
 
     def get_session_events(
         self,
@@ -686,8 +707,133 @@ class AgentSessionManager:
         thread = validation.thread_id(thread_id)
         return self._call(lambda s: s.is_deleted(thread), lambda m: m.is_deleted(thread))
 
+    # -- memory: preferences and long-term state (LangGraph's store) ------------------------
+
+    def user_memory(self, user_id: str) -> ScopedStore:
+        """The user's long-term memory: LangGraph's store, seen from the user's namespace.
+
+        Use it as any LangGraph store (``put`` / ``get`` / ``search`` / ``list_namespaces``
+        and their ``a``-prefixed async twins). Namespaces are relative to the user's, so
+        none reaches another user's items; agents hand their nodes the same view. Nothing
+        is opened until the first call.
+        """
+        return self._memory(user_root(self.namespace, validation.user_id(user_id)))
+
+    def _memory(self, root: Namespace) -> ScopedStore:
+        p = self._persistence
+        return ScopedStore(p.store, root, abase=p.async_store)
+
+    def _batch(self, ops: list[Op], root: Namespace = ()) -> list[Any]:
+        """Run store operations (namespaces relative to ``root``), errors translated."""
+        store = self._memory(root)
+        with self._persistence.errors():
+            return store.batch(ops)
+
+    def _thread_owner(self, thread_id: str) -> str | None:
+        """Who owns ``thread_id`` in this namespace (None: nobody; the thread is unknown)."""
+        ns = self.namespace
+        return self._call(lambda s: s.owner(ns, thread_id), lambda m: m.owner(ns, thread_id))
+
+    def _preferences_at(self, user_id: str, scope: str, thread_id: str | None) -> Namespace:
+        if scope == "app":
+            return (*app_root(self.namespace), PREFERENCES)
+        if scope == "user":
+            return (*user_root(self.namespace, user_id), PREFERENCES)
+        session = (
+            self.get_current_user_session(user_id)
+            if thread_id is None
+            else self.get_session(user_id, thread_id)
+        )
+        return (*session_root(session.thread_id), PREFERENCES)
+
+    def get_user_preferences(
+        self, user_id: str, *, scope: str | None = None, thread_id: str | None = None
+    ) -> dict[str, Any]:
+        """The user's preferences.
+
+        With ``scope=None``, the values in effect: app-wide ones, overridden by the user's,
+        overridden by the session's when ``thread_id`` is given. With ``scope="app"``,
+        ``"user"`` or ``"session"`` (``thread_id``, default the current session), that
+        layer alone.
+
+        Raises:
+            SessionNotFoundError: The session is not one of the user's (or there is none).
+        """
+        user_id = validation.user_id(user_id)
+        scopes = (
+            [validation.scope(scope)]
+            if scope is not None
+            else ["app", "user"] + ([] if thread_id is None else ["session"])
+        )
+        thread = None if thread_id is None else validation.thread_id(thread_id)
+        spaces = [self._preferences_at(user_id, s, thread) for s in scopes]
+        found = self._batch([SearchOp(ns, limit=validation.MAX_PAGE_SIZE) for ns in spaces])
+        merged: dict[str, Any] = {}
+        for space, items in zip(spaces, found, strict=True):
+            merged.update(read_preferences(space, items))
+        return merged
+
+    def set_user_preferences(
+        self,
+        user_id: str,
+        preferences: dict[str, Any],
+        *,
+        scope: str = "user",
+        thread_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Set (or, with ``None``, remove) preferences in one scope; returns that scope's
+        preferences after the change.
+
+        ``scope="user"`` (default) is shared by all the user's sessions, ``"session"`` holds
+        for one session (``thread_id``, default the current one), ``"app"`` for every user
+        of the namespace. Values are JSON; a scope holds at most 100 names.
+
+        Raises:
+            InvalidInputError: Bad values, or more than 100 names (nothing is written).
+            SessionNotFoundError: The session is not one of the user's (or there is none).
+        """
+        user_id = validation.user_id(user_id)
+        scope = validation.scope(scope)
+        changes = validation.preferences(preferences)
+        thread = None if thread_id is None else validation.thread_id(thread_id)
+        if thread is not None and scope != "session":
+            raise InvalidInputError("thread_id", "is only for scope='session'")
+        space = self._preferences_at(user_id, scope, thread)
+        (items,) = self._batch([SearchOp(space, limit=validation.MAX_PAGE_SIZE)])
+        after = {**read_preferences(space, items), **changes}
+        after = {name: value for name, value in after.items() if value is not None}
+        if len(after) > validation.MAX_PREFERENCES:
+            raise InvalidInputError(
+                "preferences", f"a scope holds at most {validation.MAX_PREFERENCES} names"
+            )
+        self._batch(list(preference_ops(space, changes)))
+        return after
+
+    def _erase_memory(self, roots: list[Namespace]) -> None:
+        """Delete every store item under ``roots`` (searched together, then deleted)."""
+        page = validation.MAX_PAGE_SIZE
+        while True:
+            found = self._batch([SearchOp(root, limit=page) for root in roots])
+            doomed: list[Op] = [PutOp(i.namespace, i.key, None) for items in found for i in items]
+            if doomed:
+                self._batch(doomed)
+            if len(doomed) < page:
+                return
+
+    def _export_memory(self, root: Namespace) -> list[dict[str, Any]]:
+        items: list[Item] = []
+        while True:
+            search = SearchOp((), limit=validation.MAX_PAGE_SIZE, offset=len(items))
+            (batch,) = self._batch([search], root)
+            if not batch:
+                return [item_dict(item) for item in items]
+            items.extend(batch)
+
+    # -- privacy and housekeeping ---------------------------------------------------------
+
     def delete_user_data(self, user_id: str) -> int:
-        """Erase the user: sessions, events and every checkpoint of their threads.
+        """Erase the user: sessions, events, memory (store items of the user and of their
+        sessions) and every checkpoint of their threads.
 
         Tombstones (thread ids only) keep a late write from bringing a thread back.
         Returns the number of sessions deleted.
@@ -699,6 +845,7 @@ class AgentSessionManager:
             lambda m: self._state.delete_in_memory(m, user_id, None),
         )
         self._state.forget(user_id)
+        self._erase_memory([user_root(ns, user_id)])
         self.sweep_deleted_threads()
         return len(threads)
 
@@ -715,9 +862,10 @@ class AgentSessionManager:
         while batch := self.get_session_events(user_id, limit=1000, after_seq=after):
             events.extend(batch)
             after = batch[-1].seq
-        conversations = {}
+        conversations, session_memory = {}, {}
         for session in sessions:
-            state = self._checkpoints.state(session.thread_id)
+            session_memory[session.thread_id] = self._export_memory(session_root(session.thread_id))
+            state = self._persistence.state(session.thread_id)
             conversations[session.thread_id] = jsonable(state)
         return {
             "user_id": user_id,
@@ -726,17 +874,23 @@ class AgentSessionManager:
             "sessions": [s.to_dict() for s in reversed(sessions)],
             "events": [e.to_dict() for e in events],
             "conversations": conversations,
+            "memory": {
+                "user": self._export_memory(user_root(self.namespace, user_id)),
+                "sessions": session_memory,
+            },
         }
 
     def sweep_deleted_threads(self) -> int:
-        """Delete the checkpoints of deleted sessions not swept yet; returns how many threads.
+        """Delete the checkpoints and session memory of deleted sessions not swept yet;
+        returns how many threads.
 
         Deletion calls this itself; it is also part of :meth:`run_maintenance`, which
         finishes a sweep a crash interrupted.
         """
         total = 0
         while threads := self._call(lambda s: s.unswept(500), lambda m: m.unswept(500)):
-            self._checkpoints.delete_threads(threads)
+            self._persistence.delete_threads(threads)
+            self._erase_memory([session_root(t) for t in threads])
             self._call(lambda s: s.mark_swept(threads), lambda m: m.mark_swept(threads))
             total += len(threads)
         return total
@@ -766,7 +920,7 @@ class AgentSessionManager:
         while threads := self._call(
             lambda s: s.retention_due(ns, cutoff, 200), lambda m: m.retention_due(ns, cutoff, 200)
         ):
-            pruned = self._checkpoints.prune(threads, strategy)
+            pruned = self._persistence.prune(threads, strategy)
             # Marked either way, so a saver without prune is not asked again every round.
             self._call(lambda s: s.mark_retained(threads), lambda m: m.mark_retained(threads))
             if pruned:
@@ -815,9 +969,9 @@ class AgentSessionManager:
             self._cleaner.join()
             self._cleaner = None
         self._store.close()
-        self._checkpoints.close()
+        self._persistence.close()
 
-    def __enter__(self) -> AgentSessionManager:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

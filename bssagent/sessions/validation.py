@@ -21,6 +21,8 @@ MAX_NAMESPACE_LENGTH = 64
 MAX_METADATA_BYTES = 16 * 1024
 MAX_PAGE_SIZE = 1000
 UPDATABLE_FIELDS = frozenset({"title", "metadata"})
+MAX_PREFERENCES = 100
+SCOPES = ("user", "session", "app")
 
 # C0/C1 control characters (NUL included) and lone surrogates: PostgreSQL rejects NUL,
 # UTF-8 cannot encode surrogates, and control characters have no business in ids.
@@ -70,7 +72,7 @@ def thread_id(value: object) -> str:
     return value
 
 
-def metadata(value: object) -> dict[str, Any]:
+def metadata(value: object, field: str = "metadata") -> dict[str, Any]:
     """Return a copy of ``value`` if it is a JSON object of at most 16 KiB.
 
     Values must be JSON-encodable without NaN or infinity (keys become strings, as JSON
@@ -78,20 +80,20 @@ def metadata(value: object) -> dict[str, Any]:
     rejects both). The copy is what gets stored, so later changes to ``value`` do not leak.
     """
     if not isinstance(value, Mapping):
-        raise InvalidInputError("metadata", f"must be a JSON object, not {type(value).__name__}")
+        raise InvalidInputError(field, f"must be a JSON object, not {type(value).__name__}")
     try:
         encoded = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError("metadata", f"must be JSON-encodable: {exc}") from None
+        raise InvalidInputError(field, f"must be JSON-encodable: {exc}") from None
     try:
         size = len(encoded.encode("utf-8"))
     except UnicodeEncodeError:
-        raise InvalidInputError("metadata", "must not contain lone surrogates") from None
+        raise InvalidInputError(field, "must not contain lone surrogates") from None
     if size > MAX_METADATA_BYTES:
-        raise InvalidInputError("metadata", f"must encode to at most {MAX_METADATA_BYTES} bytes")
+        raise InvalidInputError(field, f"must encode to at most {MAX_METADATA_BYTES} bytes")
     result: dict[str, Any] = json.loads(encoded)
     if _has_nul(result):
-        raise InvalidInputError("metadata", "must not contain NUL characters")
+        raise InvalidInputError(field, "must not contain NUL characters")
     return result
 
 
@@ -123,6 +125,24 @@ def updates(value: object) -> dict[str, Any]:
     if "metadata" in value:
         checked["metadata"] = metadata(value["metadata"])
     return checked
+
+
+def preferences(value: object) -> dict[str, Any]:
+    """Return a copy of ``value`` if it is a preferences update: at most 100 names (1-255
+    printable characters) to JSON values (``None`` removes the name), 16 KiB in all."""
+    checked = metadata(value, field="preferences")
+    if len(checked) > MAX_PREFERENCES:
+        raise InvalidInputError("preferences", f"must hold at most {MAX_PREFERENCES} names")
+    for name in checked:
+        _text("preferences", name, MAX_ID_LENGTH)
+    return checked
+
+
+def scope(value: object) -> str:
+    """Return ``value`` if it is a preferences scope: ``user``, ``session`` or ``app``."""
+    if value not in SCOPES:
+        raise InvalidInputError("scope", f"must be one of {', '.join(SCOPES)}")
+    return str(value)
 
 
 def limit(value: object) -> int:

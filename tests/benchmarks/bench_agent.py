@@ -61,7 +61,7 @@ def main() -> None:
         AgentSessionManager(settings=settings) as sessions,
         Echo("bench", session_manager=sessions) as agent,
     ):
-        raw = agent.graph.copy(update={"checkpointer": agent._checkpointers.sync()})
+        raw = agent.graph.copy(update={"checkpointer": agent._persistence.sync()})
         timings: dict[str, dict[int, list[float]]] = {"raw": {}, "agent": {}}
         for n in range(THREADS):
             raw_cfg = {"configurable": {"thread_id": str(uuid.uuid4())}}

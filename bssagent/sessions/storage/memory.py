@@ -306,6 +306,11 @@ class MemoryStore:
         with self._lock:
             return thread_id in self._tombstones
 
+    def owner(self, namespace: str, thread_id: str) -> str | None:
+        with self._lock:
+            session = self._by_thread.get(thread_id)
+            return session.user_id if session and session.namespace == namespace else None
+
     def unswept(self, limit: int) -> list[str]:
         with self._lock:
             return [t for t, swept in self._tombstones.items() if not swept][: max(limit, 0)]

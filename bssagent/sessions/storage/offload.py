@@ -143,6 +143,9 @@ class AsyncOffloaded:
     async def is_deleted(self, thread_id: str) -> bool:
         return await self._run(self.sync.is_deleted, thread_id)
 
+    async def owner(self, namespace: str, thread_id: str) -> str | None:
+        return await self._run(self.sync.owner, namespace, thread_id)
+
     async def unswept(self, limit: int) -> list[str]:
         return await self._run(self.sync.unswept, limit)
 

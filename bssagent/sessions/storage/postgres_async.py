@@ -512,6 +512,12 @@ class AsyncPostgresStore:
             cur = await conn.execute(self._q.is_deleted, (thread_id,))
             return await cur.fetchone() is not None
 
+    async def owner(self, namespace: str, thread_id: str) -> str | None:
+        async with self._connection() as conn:
+            cur = await conn.execute(self._q.owner, (thread_id, namespace))
+            row = await cur.fetchone()
+            return None if row is None else str(row["user_id"])
+
     async def unswept(self, limit: int) -> list[str]:
         async with self._connection() as conn:
             cur = await conn.execute(self._q.unswept, (limit,))

@@ -109,6 +109,7 @@ class Queries:
     current: sql.Composed
     owned: sql.Composed
     by_thread: sql.Composed
+    owner: sql.Composed
     insert_if_no_current: sql.Composed
     insert: sql.Composed
     insert_full: sql.Composed
@@ -199,6 +200,7 @@ def build_queries(table: str) -> Queries:
         current=q("SELECT {cols} FROM {t} WHERE namespace = %s AND user_id = %s AND is_active"),
         owned=q("SELECT {cols} FROM {t} WHERE thread_id = %s AND namespace = %s AND user_id = %s"),
         by_thread=q("SELECT {cols} FROM {t} WHERE thread_id = %s"),
+        owner=q("SELECT user_id FROM {t} WHERE thread_id = %s AND namespace = %s"),
         insert_if_no_current=q(
             "INSERT INTO {t} " + insert_cols + " VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (namespace, user_id) WHERE is_active DO NOTHING RETURNING {cols}"

@@ -504,6 +504,12 @@ class PostgresStore:
             cur = conn.execute(self._q.is_deleted, (thread_id,))
             return cur.fetchone() is not None
 
+    def owner(self, namespace: str, thread_id: str) -> str | None:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.owner, (thread_id, namespace))
+            row = cur.fetchone()
+            return None if row is None else str(row["user_id"])
+
     def unswept(self, limit: int) -> list[str]:
         with self._connection() as conn:
             cur = conn.execute(self._q.unswept, (limit,))

@@ -668,6 +668,14 @@ class SqliteStore:
             ).fetchone()
         return row is not None
 
+    def owner(self, namespace: str, thread_id: str) -> str | None:
+        with self._cursor() as cur:
+            row = cur.execute(
+                f"SELECT user_id FROM {self._t} WHERE thread_id = ? AND namespace = ?",
+                (thread_id, namespace),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def unswept(self, limit: int) -> list[str]:
         with self._cursor() as cur:
             rows = cur.execute(

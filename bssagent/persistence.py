@@ -1,0 +1,443 @@
+"""LangGraph's persistence for the agents: checkpoint savers and stores, opened on the same
+database as the sessions.
+
+Only LangGraph's own classes are used: ``PostgresSaver`` / ``AsyncPostgresSaver`` and
+``PostgresStore`` / ``AsyncPostgresStore`` (sharing one pool per event loop),
+``SqliteSaver`` / ``AsyncSqliteSaver`` and ``SqliteStore``, and ``InMemorySaver`` /
+``InMemoryStore`` (the ``memory://`` backend, and the fallback when the database is
+unreachable). Sync calls get sync savers and async calls async ones on the same tables, so a
+conversation can move between ``invoke`` and ``ainvoke``. Each is opened on first use, so an
+agent whose graph never touches the store opens none.
+
+LangGraph's ``setup()`` is not safe to run from several processes at once on an empty
+PostgreSQL database; here it runs under bssagent's migration lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.store.base import BaseStore, IndexConfig
+from langgraph.store.memory import InMemoryStore
+
+from .config import Settings, StorageTarget, redact_url, resolve_target
+from .errors import ConfigurationError, StorageError, StorageUnavailableError
+
+logger = logging.getLogger("bssagent.agent")
+
+Saver = BaseCheckpointSaver[Any]
+
+
+_PGVECTOR = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
+
+
+def _require_pgvector(found: object) -> None:
+    if not found:
+        raise ConfigurationError(
+            "memory_index on PostgreSQL needs the pgvector extension, which this server does "
+            "not have (Debian: postgresql-<version>-pgvector)"
+        )
+
+
+class _LoopEntry:
+    """What one event loop holds open on PostgreSQL: a pool, and the saver and store on it."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.saver: Saver | None = None
+        self.store: BaseStore | None = None
+
+
+class Persistence:
+    """Lazily opened savers and stores for one database: sync ones, and async ones per loop.
+
+    Args:
+        settings: Where the data lives (the session manager's settings).
+        saver: A LangGraph saver to use instead of the database's.
+        store: A LangGraph store to use instead of the database's.
+        index: LangGraph's ``IndexConfig`` (``dims``, ``embed``, ``fields``) for semantic
+            search in the store; PostgreSQL needs the ``pgvector`` extension for it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        saver: Saver | None = None,
+        store: BaseStore | None = None,
+        index: IndexConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self._given = saver
+        self._given_store = store
+        self.index = index
+        self.target: StorageTarget = resolve_target(settings)
+        self._lock = threading.RLock()
+        self._sync: Saver | None = None
+        self._sync_store: BaseStore | None = None
+        self._resources: list[Any] = []  # a PostgreSQL pool, or SQLite connections
+        self._pool: Any = None
+        self._memory: InMemorySaver | None = None
+        self._memory_store: InMemoryStore | None = None
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEntry] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._degraded_reason: str | None = None
+        self._down_until = 0.0
+        self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def is_degraded(self) -> bool:
+        """True while an unreachable database makes savers and stores fall back to memory."""
+        return self._degraded_reason is not None
+
+    def _fallback(self, exc: StorageUnavailableError) -> None:
+        """Serve from memory for ``reconnect_interval``, then try the database again."""
+        if self.settings.fallback == "raise":
+            raise exc
+        with self._lock:
+            self._down_until = time.monotonic() + self.settings.reconnect_interval
+            if self._degraded_reason is None:
+                self._degraded_reason = type(exc.__cause__ or exc).__name__
+                logger.warning(
+                    "bssagent: checkpoint storage unavailable (%s, %s); conversations and "
+                    "memory are kept in memory until it returns",
+                    self._degraded_reason,
+                    redact_url(self.target.url),
+                )
+
+    def _recovered(self) -> None:
+        with self._lock:
+            if self._degraded_reason is not None:
+                self._degraded_reason = None
+                logger.warning("bssagent: checkpoint storage is back")
+
+    def _memory_saver(self) -> InMemorySaver:
+        with self._lock:
+            if self._memory is None:
+                self._memory = InMemorySaver()
+            return self._memory
+
+    def memory_store(self) -> InMemoryStore:
+        """The in-memory store (``memory://``, and the fallback)."""
+        with self._lock:
+            if self._memory_store is None:
+                self._memory_store = InMemoryStore(index=self.index)
+            return self._memory_store
+
+    def _down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    # -- sync -----------------------------------------------------------------------------
+
+    def sync(self) -> Saver:
+        """The sync saver, opened (and set up) on first use; memory while the database is
+        down (retried every ``reconnect_interval``)."""
+        if self._given is not None:
+            return self._given
+        found = self._open_sync("_sync", self._memory_saver, self._new_saver)
+        assert isinstance(found, BaseCheckpointSaver)
+        return found
+
+    def store(self) -> BaseStore:
+        """The store, opened and set up on first use; memory while the database is down.
+
+        Its async methods work too, except SQLite's (see
+        :func:`~bssagent.store_scope.needs_offload`)."""
+        if self._given_store is not None:
+            return self._given_store
+        found = self._open_sync("_sync_store", self.memory_store, self._new_store)
+        assert isinstance(found, BaseStore)
+        return found
+
+    def _open_sync(
+        self, attr: str, memory: Callable[[], Any], opener: Callable[[], Any]
+    ) -> Saver | BaseStore:
+        with self._lock:
+            opened = getattr(self, attr)
+            if opened is not None:
+                return opened  # type: ignore[no-any-return]
+            if self.target.backend == "memory":
+                setattr(self, attr, memory())
+                return getattr(self, attr)  # type: ignore[no-any-return]
+            if self._down():
+                return memory()  # type: ignore[no-any-return]
+            try:
+                setattr(self, attr, opener())
+            except StorageUnavailableError as exc:
+                self._fallback(exc)
+                return memory()  # type: ignore[no-any-return]
+        self._recovered()
+        return getattr(self, attr)  # type: ignore[no-any-return]
+
+    def _sqlite(self, **kwargs: Any) -> sqlite3.Connection:
+        path = self._sqlite_path()
+        conn: sqlite3.Connection = sqlite3.connect(
+            path, check_same_thread=False, timeout=10.0, **kwargs
+        )
+        self._resources.append(conn)
+        return conn
+
+    def _sqlite_path(self) -> str:
+        path = Path(self.target.path or self.settings.sqlite_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def _new_saver(self) -> Saver:
+        if self.target.backend == "sqlite":
+            from langgraph.checkpoint.sqlite import SqliteSaver
+
+            sqlite_saver = SqliteSaver(self._sqlite())
+            sqlite_saver.setup()
+            return sqlite_saver
+        from langgraph.checkpoint.postgres import PostgresSaver
+
+        saver = PostgresSaver(self._sync_pool())
+        self._setup_sync(saver.setup)
+        return saver
+
+    def _new_store(self) -> BaseStore:
+        if self.target.backend == "sqlite":
+            from langgraph.store.sqlite import SqliteStore
+
+            if self.index and not hasattr(sqlite3.Connection, "enable_load_extension"):
+                raise ConfigurationError(
+                    "memory_index on SQLite needs the sqlite-vec extension, and this Python's "
+                    "sqlite3 cannot load extensions: use PostgreSQL with pgvector, memory://, "
+                    "or a Python built with loadable SQLite extensions"
+                )
+
+            # SqliteStore issues its own BEGIN/COMMIT: the connection must be in autocommit.
+            sqlite_store = SqliteStore(self._sqlite(isolation_level=None), index=self.index)
+            sqlite_store.setup()
+            return sqlite_store
+        from langgraph.store.postgres import PostgresStore
+
+        store = PostgresStore(self._sync_pool(), index=self.index)  # type: ignore[arg-type]
+        if self.index:
+            with self.errors(), self._pool.connection() as conn:
+                _require_pgvector(conn.execute(_PGVECTOR).fetchone())
+        self._setup_sync(store.setup)
+        return store
+
+    def _sync_pool(self) -> Any:
+        """The sync PostgreSQL pool shared by the saver and the store."""
+        if self._pool is None:
+            from .sessions.storage.postgres_common import connection_kwargs, wrap_errors
+            from .sessions.storage.postgres_sync import open_pool
+
+            s = self.settings
+            with wrap_errors():
+                self._pool = open_pool(
+                    self.target.url or "",
+                    kwargs=connection_kwargs(s.connect_timeout, s.prepare_threshold),
+                    min_size=1,
+                    max_size=max(2, s.pool_max_size),
+                    timeout=s.pool_timeout,
+                    open_timeout=s.connect_timeout + 1,
+                    name="bssagent-checkpoints",
+                )
+            self._resources.append(self._pool)
+        return self._pool
+
+    def _setup_sync(self, setup: Callable[[], None]) -> None:
+        from .sessions.storage.postgres_common import wrap_errors
+        from .sessions.storage.postgres_sync import migration_lock
+
+        with (
+            wrap_errors(),
+            self._pool.connection() as conn,
+            migration_lock(conn, self.settings.migration_lock_timeout),
+        ):
+            setup()
+
+    # -- async ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def async_saver(self) -> AsyncIterator[Saver]:
+        """An async saver for the running event loop, for the duration of one run.
+
+        PostgreSQL savers (and their pools) are kept per event loop until :meth:`aclose`;
+        a SQLite one is opened per run, because an ``aiosqlite`` connection left open when
+        its loop closes keeps the process from exiting.
+        """
+        if self._given is not None:
+            yield self._given
+            return
+        if self.target.backend == "memory" or self._down():
+            yield self._memory_saver()
+            return
+        if self.target.backend == "sqlite":
+            import aiosqlite
+            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+            async with aiosqlite.connect(self._sqlite_path(), timeout=10.0) as conn:
+                saver = AsyncSqliteSaver(conn)
+                await saver.setup()
+                yield saver
+            return
+        found = await self._async_postgres("saver")
+        yield found if found is not None else self._memory_saver()  # type: ignore[misc]
+
+    async def async_store(self) -> BaseStore:
+        """The store for async calls on the running event loop (see :meth:`store`)."""
+        if self._given_store is not None:
+            return self._given_store
+        if self.target.backend == "memory" or self._down():
+            return self.memory_store()
+        if self.target.backend == "sqlite":
+            return await asyncio.to_thread(self.store)
+        found = await self._async_postgres("store")
+        return found if found is not None else self.memory_store()  # type: ignore[return-value]
+
+    async def _async_postgres(self, kind: str) -> Saver | BaseStore | None:
+        """This loop's saver or store, opened once per loop; None when the database is down."""
+        loop = asyncio.get_running_loop()
+        entry = self._async.get(loop)
+        if entry is not None and getattr(entry, kind) is not None:
+            return getattr(entry, kind)  # type: ignore[no-any-return]
+        # One opener per event loop: concurrent first runs would each open a pool.
+        async with self._loop_locks.setdefault(loop, asyncio.Lock()):
+            entry = self._async.get(loop)
+            try:
+                if entry is None:
+                    entry = self._async[loop] = _LoopEntry(await self._open_async_pool())
+                if getattr(entry, kind) is None:
+                    setattr(entry, kind, await self._new_async(entry.pool, kind))
+            except StorageUnavailableError as exc:
+                self._fallback(exc)
+                return None
+        self._recovered()
+        return getattr(entry, kind)  # type: ignore[no-any-return]
+
+    async def _open_async_pool(self) -> Any:
+        from .sessions.storage.postgres_async import open_pool
+        from .sessions.storage.postgres_common import connection_kwargs, wrap_errors
+
+        s = self.settings
+        with wrap_errors():
+            return await open_pool(
+                self.target.url or "",
+                kwargs=connection_kwargs(s.connect_timeout, s.prepare_threshold),
+                min_size=1,
+                max_size=max(2, s.pool_max_size),
+                timeout=s.pool_timeout,
+                open_timeout=s.connect_timeout + 1,
+                name="bssagent-checkpoints",
+            )
+
+    async def _new_async(self, pool: Any, kind: str) -> Saver | BaseStore:
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        from langgraph.store.postgres.aio import AsyncPostgresStore
+
+        from .sessions.storage.postgres_async import migration_lock
+        from .sessions.storage.postgres_common import wrap_errors
+
+        made: Saver | BaseStore = (
+            AsyncPostgresSaver(pool)
+            if kind == "saver"
+            else AsyncPostgresStore(pool, index=self.index)  # type: ignore[arg-type]
+        )
+        with wrap_errors():
+            if kind == "store" and self.index:
+                async with pool.connection() as conn:
+                    _require_pgvector(await (await conn.execute(_PGVECTOR)).fetchone())
+            async with (
+                pool.connection() as conn,
+                migration_lock(conn, self.settings.migration_lock_timeout),
+            ):
+                await made.setup()  # type: ignore[union-attr]
+        return made
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Translate the database driver's errors raised by a saver or store into
+        :class:`~bssagent.errors.StorageError` (``StorageUnavailableError`` when the server
+        cannot be reached), the original chained."""
+        if self.target.backend == "postgres":
+            from .sessions.storage.postgres_common import wrap_errors
+
+            with wrap_errors():
+                yield
+            return
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite error ({type(exc).__name__})") from exc
+
+    # -- whole threads (deletion, retention, export) ---------------------------------------
+
+    def delete_threads(self, thread_ids: list[str]) -> None:
+        """Delete every checkpoint of ``thread_ids`` (LangGraph's ``delete_thread``)."""
+        saver = self.sync()
+        for thread_id in thread_ids:
+            saver.delete_thread(thread_id)
+
+    async def adelete_threads(self, thread_ids: list[str]) -> None:
+        """Async :meth:`delete_threads`."""
+        async with self.async_saver() as saver:
+            for thread_id in thread_ids:
+                await saver.adelete_thread(thread_id)
+
+    def prune(self, thread_ids: list[str], strategy: str) -> bool:
+        """LangGraph's ``prune``; False (nothing done) where the saver has none."""
+        if strategy == "delete":
+            self.delete_threads(thread_ids)
+            return True
+        try:
+            self.sync().prune(thread_ids, strategy=strategy)
+        except NotImplementedError:
+            return False
+        return True
+
+    async def aprune(self, thread_ids: list[str], strategy: str) -> bool:
+        """Async :meth:`prune`."""
+        if strategy == "delete":
+            await self.adelete_threads(thread_ids)
+            return True
+        async with self.async_saver() as saver:
+            try:
+                await saver.aprune(thread_ids, strategy=strategy)
+            except NotImplementedError:
+                return False
+        return True
+
+    def state(self, thread_id: str) -> dict[str, Any] | None:
+        """The latest checkpoint's channel values of ``thread_id`` (None without one)."""
+        found = self.sync().get_tuple({"configurable": {"thread_id": thread_id}})
+        return dict(found.checkpoint["channel_values"]) if found else None
+
+    async def astate(self, thread_id: str) -> dict[str, Any] | None:
+        """Async :meth:`state`."""
+        async with self.async_saver() as saver:
+            found = await saver.aget_tuple({"configurable": {"thread_id": thread_id}})
+        return dict(found.checkpoint["channel_values"]) if found else None
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the sync saver's and store's connections. Idempotent."""
+        with self._lock:
+            resources, self._resources = self._resources, []
+            self._sync = self._sync_store = self._pool = None
+        for resource in resources:
+            resource.close()
+
+    async def aclose(self) -> None:
+        """Close the running loop's async saver and store, then the sync ones. Idempotent."""
+        entry = self._async.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry.pool.close()
+        self.close()
