@@ -950,6 +950,66 @@ async def test_cleanup_inactive_sessions_in_batches(make: MakeManager) -> None:
     assert len(expired_events) == 10  # each session expired exactly once
 
 
+async def test_count_inactive_sessions_is_a_dry_run_and_cleanup_reports_batches(
+    make: MakeManager,
+) -> None:
+    mgr = make(cleanup_batch_size=2)
+    sessions = [await mgr.get_or_create_user_session(f"dry-{i}") for i in range(5)]
+    await mgr.create_child_session("dry-0", sessions[0].thread_id)
+    await asyncio.sleep(0.3)
+    assert await mgr.count_inactive_sessions(0.2) == 6
+    assert await mgr.count_inactive_sessions(3600) == 0
+    for s in sessions:  # nothing changed
+        assert (await mgr.get_session(s.user_id, s.thread_id)).status == "active"
+    batches: list[int] = []
+    assert await mgr.cleanup_inactive_sessions(0.2, on_batch=batches.append) == 6
+    assert sum(batches) == 6
+    assert len(batches) >= 3  # batches of 2 (a parent's child counts in its parent's batch)
+    assert await mgr.count_inactive_sessions(0) == 0
+    with pytest.raises(InvalidInputError) as info:
+        await mgr.count_inactive_sessions()
+    assert info.value.field == "max_idle_seconds"
+
+
+async def test_list_sessions_filters_by_user_and_status_in_pages(mgr: Manager) -> None:
+    a1 = await mgr.get_or_create_user_session("lister-a")
+    await mgr.end_session("lister-a", status="failed")
+    a2 = await mgr.get_or_create_user_session("lister-a")
+    b1 = await mgr.get_or_create_user_session("lister-b")
+    await mgr.pause_session("lister-b")
+    every = await mgr.list_sessions()
+    assert [s.thread_id for s in every] == [b1.thread_id, a2.thread_id, a1.thread_id]
+    assert [s.thread_id for s in await mgr.list_sessions(user_id="lister-a")] == [
+        a2.thread_id,
+        a1.thread_id,
+    ]
+    assert [s.thread_id for s in await mgr.list_sessions(status="failed")] == [a1.thread_id]
+    assert [s.thread_id for s in await mgr.list_sessions(status="paused")] == [b1.thread_id]
+    assert await mgr.list_sessions(user_id="lister-b", status="active") == []
+    first = await mgr.list_sessions(limit=1)
+    rest = await mgr.list_sessions(before_id=first[-1].id)
+    assert first + rest == every
+    for bad, field in (({"status": "done"}, "status"), ({"user_id": ""}, "user_id"),
+                       ({"limit": 0}, "limit"), ({"before_id": -1}, "before_id")):  # fmt: skip
+        with pytest.raises(InvalidInputError) as info:
+            await mgr.list_sessions(**bad)
+        assert info.value.field == field
+
+
+async def test_schema_status_and_migrate(mgr: Manager) -> None:
+    status = await mgr.schema_status()
+    if mgr.backend == "memory":
+        assert status == {"applied": [], "pending": []}
+        assert await mgr.migrate() == []
+        return
+    names = ["0001_user_sessions", "0002_lifecycle"]
+    assert status == {"applied": [], "pending": names}
+    assert await mgr.migrate() == names
+    assert await mgr.schema_status() == {"applied": names, "pending": []}
+    assert await mgr.migrate() == []
+    assert (await mgr.get_or_create_user_session("after-migrate")).status == "active"
+
+
 async def test_cleanup_rejects_a_bad_idle_time(
     mgr: Manager, request: pytest.FixtureRequest
 ) -> None:

@@ -31,6 +31,13 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 }
 
 
+def status(value: object) -> Status:
+    """Validate a session status (a filter)."""
+    if value not in STATUSES:
+        raise InvalidInputError("status", f"must be one of {list(STATUSES)}, got {value!r}")
+    return value
+
+
 def end_status(value: object) -> Status:
     """Validate the ``status`` argument of ``end_session``."""
     if value not in ENDED:

@@ -38,7 +38,7 @@ from ..store_scope import (
     session_root,
     user_root,
 )
-from . import validation
+from . import lifecycle, migrations, validation
 from .lifecycle import Status, end_status
 from .manager_base import (
     DEFAULT_PAGE,
@@ -206,6 +206,36 @@ class AgentSessionManager:
     def health(self) -> Health:
         """The storage status: ``ok`` or ``degraded``, with the reason and since when."""
         return self._state.health()
+
+    def schema_status(self) -> dict[str, list[str]]:
+        """The schema migrations (``"0001_user_sessions"``, ...) ``applied`` to this table
+        and still ``pending`` (nothing is applied; memory:// has no schema: both empty).
+
+        Raises:
+            StorageError: The database cannot be read (never falls back to memory).
+        """
+        if self.backend == "memory":
+            return {"applied": [], "pending": []}
+        done = set(self._store.schema_versions())
+        files = migrations.migrations("postgresql" if self.backend == "postgres" else "sqlite")
+        names = {m.version: f"{m.version:04d}_{m.name}" for m in files}
+        return {
+            "applied": [names.get(v, f"{v:04d}") for v in sorted(done)],
+            "pending": [names[v] for v in sorted(names) if v not in done],
+        }
+
+    def migrate(self) -> list[str]:
+        """Apply the pending migrations now (otherwise the first call applies them);
+        returns the ones that were pending and are now applied.
+
+        Raises:
+            StorageError: The database cannot be reached or a migration fails.
+        """
+        pending = (self.schema_status())["pending"]
+        with self._setup_lock:
+            self._store.setup()
+            self._ready = True
+        return pending
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -417,6 +447,34 @@ class AgentSessionManager:
             lambda s: s.list_active(ns, limit, cursor), lambda m: m.list_active(ns, limit, cursor)
         )
 
+    def list_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        status: str | None = None,
+        limit: int = DEFAULT_PAGE,
+        before_id: int | None = None,
+    ) -> list[UserSession]:
+        """A page of the namespace's sessions, newest first, optionally one user's and / or
+        in one status (an operator's view: ``bssagent sessions list``).
+
+        Args:
+            user_id: Only this user's sessions.
+            status: Only sessions in this state (``active``, ``paused``, ``completed``,
+                ``failed``, ``expired``).
+            limit: Page size, 1-1000.
+            before_id: Cursor: pass the last ``id`` of the previous page.
+        """
+        user = None if user_id is None else validation.user_id(user_id)
+        state = None if status is None else lifecycle.status(status)
+        limit = validation.limit(limit)
+        cursor = validation.cursor(before_id)
+        ns = self.namespace
+        return self._call(
+            lambda s: s.list_sessions(ns, user, state, limit, cursor),
+            lambda m: m.list_sessions(ns, user, state, limit, cursor),
+        )
+
     def clear_memory_cache(self) -> None:
         """Forget every cached session; the next calls read the database."""
         self._state.cache.clear()
@@ -604,21 +662,40 @@ class AgentSessionManager:
         ns = self.namespace
         return self._call(lambda s: s.stats(ns), lambda m: m.stats(ns))
 
-    def cleanup_inactive_sessions(self, max_idle_seconds: float | None = None) -> int:
-        """Expire open sessions idle longer than ``max_idle_seconds`` (default: the
-        ``session_timeout`` setting), in batches; returns how many.
-
-        Safe to run from several processes at once (rows being expired elsewhere are
-        skipped); an idle run costs one indexed probe.
-
-        Raises:
-            InvalidInputError: No ``max_idle_seconds`` and no ``session_timeout``.
-        """
+    def _idle_cutoff(self, max_idle_seconds: float | None) -> datetime:
         idle = max_idle_seconds if max_idle_seconds is not None else self.settings.session_timeout
         if idle is None:
             raise InvalidInputError("max_idle_seconds", "required when session_timeout is off")
         seconds = validation.duration(idle, field="max_idle_seconds")
-        cutoff = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+
+    def count_inactive_sessions(self, max_idle_seconds: float | None = None) -> int:
+        """How many open sessions :meth:`cleanup_inactive_sessions` would expire now (a dry
+        run: nothing changes).
+
+        Raises:
+            InvalidInputError: No ``max_idle_seconds`` and no ``session_timeout``.
+        """
+        cutoff, ns = self._idle_cutoff(max_idle_seconds), self.namespace
+        return self._call(lambda s: s.count_idle(ns, cutoff), lambda m: m.count_idle(ns, cutoff))
+
+    def cleanup_inactive_sessions(
+        self,
+        max_idle_seconds: float | None = None,
+        *,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> int:
+        """Expire open sessions idle longer than ``max_idle_seconds`` (default: the
+        ``session_timeout`` setting), in batches; returns how many.
+
+        Safe to run from several processes at once (rows being expired elsewhere are
+        skipped); an idle run costs one indexed probe. ``on_batch`` is called with each
+        batch's count (progress reports).
+
+        Raises:
+            InvalidInputError: No ``max_idle_seconds`` and no ``session_timeout``.
+        """
+        cutoff = self._idle_cutoff(max_idle_seconds)
         batch, ns, total = self.settings.cleanup_batch_size, self.namespace, 0
         while True:
             users = self._call(
@@ -628,6 +705,8 @@ class AgentSessionManager:
             for user in users:
                 self._state.forget(user)
             total += len(users)
+            if on_batch is not None:
+                on_batch(len(users))
             if len(users) < batch:
                 return total
 

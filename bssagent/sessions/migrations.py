@@ -92,3 +92,25 @@ def split_statements(sql_text: str) -> list[str]:
     if buffer.strip():
         raise MigrationError(f"incomplete SQL statement: {buffer.strip()[:80]!r}")
     return statements
+
+
+def script(dialect: Dialect, table: str, versions: set[int], quote: Callable[[str], str]) -> str:
+    """The DDL of ``versions`` for ``table`` as one script a DBA can review and run: the
+    ledger first, then each file in its own transaction, recorded in the ledger as the
+    library records it (so the library then finds nothing pending)."""
+    parts = [f"-- bssagent schema for table {quote(table)} ({dialect})", ledger_sql(dialect)]
+    if not versions:
+        parts.append("-- nothing pending: the schema is up to date")
+    literal = "'" + table.replace("'", "''") + "'"
+    for migration in migrations(dialect):
+        if migration.version not in versions:
+            continue
+        parts += [
+            f"-- {migration.version:04d}_{migration.name}",
+            "BEGIN;",
+            render(migration.sql, table, quote).strip(),
+            "INSERT INTO bssagent_migrations (target, version, name)"
+            f" VALUES ({literal}, {migration.version}, '{migration.name}');",
+            "COMMIT;",
+        ]
+    return "\n".join(part.strip() for part in parts) + "\n"

@@ -183,6 +183,24 @@ class SessionStore(Protocol):
     def owner(self, namespace: str, thread_id: str) -> str | None:
         """The user whose session ``thread_id`` is, or ``None`` if it is none of ours."""
 
+    def list_sessions(
+        self,
+        namespace: str,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+        before_id: int | None,
+    ) -> list[UserSession]:
+        """Sessions of the namespace, newest first, optionally of one user / in one status
+        (for operators: ``bssagent sessions list``)."""
+
+    def count_idle(self, namespace: str, idle_before: datetime) -> int:
+        """How many open sessions were last active before ``idle_before`` (a dry run of
+        :meth:`expire_idle`)."""
+
+    def schema_versions(self) -> list[int]:
+        """The migration versions applied to this table (none on memory)."""
+
     def unswept(self, limit: int) -> list[str]:
         """Deleted threads whose checkpoints have not been deleted yet."""
 
@@ -266,6 +284,16 @@ class AsyncSessionStore(Protocol):
     async def delete_user(self, namespace: str, user_id: str) -> list[str]: ...
     async def is_deleted(self, thread_id: str) -> bool: ...
     async def owner(self, namespace: str, thread_id: str) -> str | None: ...
+    async def list_sessions(
+        self,
+        namespace: str,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+        before_id: int | None,
+    ) -> list[UserSession]: ...
+    async def count_idle(self, namespace: str, idle_before: datetime) -> int: ...
+    async def schema_versions(self) -> list[int]: ...
     async def unswept(self, limit: int) -> list[str]: ...
     async def mark_swept(self, thread_ids: list[str]) -> None: ...
     async def retention_due(

@@ -311,6 +311,36 @@ class MemoryStore:
             session = self._by_thread.get(thread_id)
             return session.user_id if session and session.namespace == namespace else None
 
+    def list_sessions(
+        self,
+        namespace: str,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+        before_id: int | None,
+    ) -> list[UserSession]:
+        with self._lock:
+            rows = [
+                s
+                for s in self._by_thread.values()
+                if s.namespace == namespace
+                and user_id in (None, s.user_id)
+                and status in (None, s.status)
+            ]
+        return _page(rows, limit, before_id)
+
+    def count_idle(self, namespace: str, idle_before: datetime) -> int:
+        cutoff = _utc(idle_before)
+        with self._lock:
+            return sum(
+                1
+                for s in self._by_thread.values()
+                if s.namespace == namespace and s.status in OPEN and _activity(s) < cutoff
+            )
+
+    def schema_versions(self) -> list[int]:
+        return []
+
     def unswept(self, limit: int) -> list[str]:
         with self._lock:
             return [t for t, swept in self._tombstones.items() if not swept][: max(limit, 0)]

@@ -146,6 +146,23 @@ class AsyncOffloaded:
     async def owner(self, namespace: str, thread_id: str) -> str | None:
         return await self._run(self.sync.owner, namespace, thread_id)
 
+    async def list_sessions(
+        self,
+        namespace: str,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+        before_id: int | None,
+    ) -> list[UserSession]:
+        args = (namespace, user_id, status, limit, before_id)
+        return await self._run(self.sync.list_sessions, *args)
+
+    async def count_idle(self, namespace: str, idle_before: datetime) -> int:
+        return await self._run(self.sync.count_idle, namespace, idle_before)
+
+    async def schema_versions(self) -> list[int]:
+        return await self._run(self.sync.schema_versions)
+
     async def unswept(self, limit: int) -> list[str]:
         return await self._run(self.sync.unswept, limit)
 

@@ -518,6 +518,34 @@ class AsyncPostgresStore:
             row = await cur.fetchone()
             return None if row is None else str(row["user_id"])
 
+    async def list_sessions(
+        self,
+        namespace: str,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+        before_id: int | None,
+    ) -> list[UserSession]:
+        shape = (user_id is not None, status is not None, before_id is not None)
+        params = (namespace, user_id, status, before_id, limit)
+        query = self._q.sessions_page[shape]
+        return await self._many(query, tuple(p for p in params if p is not None))
+
+    async def count_idle(self, namespace: str, idle_before: datetime) -> int:
+        async with self._connection() as conn:
+            cur = await conn.execute(self._q.count_idle, (namespace, idle_before))
+            row = await cur.fetchone()
+            return int(row["idle"]) if row else 0
+
+    async def schema_versions(self) -> list[int]:
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT to_regclass('bssagent_migrations') AS ledger")
+            found = await cur.fetchone()
+            if found is None or found["ledger"] is None:
+                return []
+            cur = await conn.execute(self._q.schema_versions, (self._table,))
+            return [int(r["version"]) for r in await cur.fetchall()]
+
     async def unswept(self, limit: int) -> list[str]:
         async with self._connection() as conn:
             cur = await conn.execute(self._q.unswept, (limit,))

@@ -4,6 +4,7 @@ the queries (composed once with :mod:`psycopg.sql`), error translation, connecti
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -110,6 +111,10 @@ class Queries:
     owned: sql.Composed
     by_thread: sql.Composed
     owner: sql.Composed
+    # (by user, by status, before an id) -> the page query
+    sessions_page: dict[tuple[bool, bool, bool], sql.Composed]
+    count_idle: sql.Composed
+    schema_versions: sql.Composed
     insert_if_no_current: sql.Composed
     insert: sql.Composed
     insert_full: sql.Composed
@@ -201,6 +206,23 @@ def build_queries(table: str) -> Queries:
         owned=q("SELECT {cols} FROM {t} WHERE thread_id = %s AND namespace = %s AND user_id = %s"),
         by_thread=q("SELECT {cols} FROM {t} WHERE thread_id = %s"),
         owner=q("SELECT user_id FROM {t} WHERE thread_id = %s AND namespace = %s"),
+        sessions_page={
+            (by_user, by_status, before): q(
+                "SELECT {cols} FROM {t} WHERE namespace = %s"
+                + (" AND user_id = %s" if by_user else "")
+                + (" AND status = %s" if by_status else "")
+                + (" AND id < %s" if before else "")
+                + page_end
+            )
+            for by_user, by_status, before in itertools.product((False, True), repeat=3)
+        },
+        count_idle=q(
+            "SELECT count(*) AS idle FROM {t} WHERE namespace = %s"
+            " AND status IN ('active', 'paused') AND last_activity_at < %s"
+        ),
+        schema_versions=q(
+            "SELECT version FROM bssagent_migrations WHERE target = %s ORDER BY version"
+        ),
         insert_if_no_current=q(
             "INSERT INTO {t} " + insert_cols + " VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (namespace, user_id) WHERE is_active DO NOTHING RETURNING {cols}"

@@ -510,6 +510,34 @@ class PostgresStore:
             row = cur.fetchone()
             return None if row is None else str(row["user_id"])
 
+    def list_sessions(
+        self,
+        namespace: str,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+        before_id: int | None,
+    ) -> list[UserSession]:
+        shape = (user_id is not None, status is not None, before_id is not None)
+        params = (namespace, user_id, status, before_id, limit)
+        query = self._q.sessions_page[shape]
+        return self._many(query, tuple(p for p in params if p is not None))
+
+    def count_idle(self, namespace: str, idle_before: datetime) -> int:
+        with self._connection() as conn:
+            cur = conn.execute(self._q.count_idle, (namespace, idle_before))
+            row = cur.fetchone()
+            return int(row["idle"]) if row else 0
+
+    def schema_versions(self) -> list[int]:
+        with self._connection() as conn:
+            cur = conn.execute("SELECT to_regclass('bssagent_migrations') AS ledger")
+            found = cur.fetchone()
+            if found is None or found["ledger"] is None:
+                return []
+            cur = conn.execute(self._q.schema_versions, (self._table,))
+            return [int(r["version"]) for r in cur.fetchall()]
+
     def unswept(self, limit: int) -> list[str]:
         with self._connection() as conn:
             cur = conn.execute(self._q.unswept, (limit,))

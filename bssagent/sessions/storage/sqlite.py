@@ -45,7 +45,8 @@ _ENDED_SQL = "(" + ", ".join(f"'{s}'" for s in ENDED) + ")"
 _UNAVAILABLE = ("unable to open", "disk i/o error", "readonly database")
 
 
-def _quote(identifier: str) -> str:
+def quote_identifier(identifier: str) -> str:
+    """A (validated) identifier quoted for SQLite."""
     return '"' + identifier.replace('"', '""') + '"'
 
 
@@ -134,10 +135,10 @@ class SqliteStore:
     ) -> None:
         self._path = path
         self._table = table
-        self._t = _quote(table)
-        self._stats = _quote(f"{table}_stats")
-        self._events = _quote(f"{table}_events")
-        self._tombstones = _quote(f"{table}_tombstones")
+        self._t = quote_identifier(table)
+        self._stats = quote_identifier(f"{table}_stats")
+        self._events = quote_identifier(f"{table}_events")
+        self._tombstones = quote_identifier(f"{table}_tombstones")
         self._busy_timeout = busy_timeout
         self._limits = limits
         self._lock = threading.RLock()
@@ -202,7 +203,7 @@ class SqliteStore:
         """
         ledger = migrations.split_statements(migrations.ledger_sql("sqlite"))
         for migration in migrations.migrations("sqlite"):
-            rendered = migrations.render(migration.sql, self._table, _quote)
+            rendered = migrations.render(migration.sql, self._table, quote_identifier)
             try:
                 with self._cursor(write=True) as cur:
                     for statement in ledger:
@@ -443,6 +444,42 @@ class SqliteStore:
         self, namespace: str, user_id: str, limit: int, before_id: int | None
     ) -> list[UserSession]:
         return self._page("namespace = ? AND user_id = ?", (namespace, user_id), limit, before_id)
+
+    def list_sessions(
+        self,
+        namespace: str,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+        before_id: int | None,
+    ) -> list[UserSession]:
+        where, params = "namespace = ?", [namespace]
+        if user_id is not None:
+            where, params = f"{where} AND user_id = ?", [*params, user_id]
+        if status is not None:
+            where, params = f"{where} AND status = ?", [*params, status]
+        return self._page(where, tuple(params), limit, before_id)
+
+    def count_idle(self, namespace: str, idle_before: datetime) -> int:
+        with self._cursor() as cur:
+            row = cur.execute(
+                f"SELECT count(*) FROM {self._t} WHERE namespace = ?"
+                f" AND status IN {_OPEN_SQL} AND last_activity_at < ?",
+                (namespace, _ts(idle_before)),
+            ).fetchone()
+        return int(row[0])
+
+    def schema_versions(self) -> list[int]:
+        with self._cursor() as cur:
+            if not cur.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'bssagent_migrations'"
+            ).fetchone():
+                return []
+            rows = cur.execute(
+                "SELECT version FROM bssagent_migrations WHERE target = ? ORDER BY version",
+                (self._table,),
+            ).fetchall()
+        return [int(r[0]) for r in rows]
 
     def _page(
         self, where: str, params: tuple[Any, ...], limit: int, before_id: int | None
