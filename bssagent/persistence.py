@@ -31,6 +31,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.store.base import BaseStore, IndexConfig
 from langgraph.store.memory import InMemoryStore
 
+from . import observability as observe
 from .config import Settings, StorageTarget, redact_url, resolve_target
 from .errors import ConfigurationError, StorageError, StorageUnavailableError
 
@@ -111,18 +112,26 @@ class Persistence:
             self._down_until = time.monotonic() + self.settings.reconnect_interval
             if self._degraded_reason is None:
                 self._degraded_reason = type(exc.__cause__ or exc).__name__
+                location = redact_url(self.target.url)
                 logger.warning(
                     "bssagent: checkpoint storage unavailable (%s, %s); conversations and "
                     "memory are kept in memory until it returns",
                     self._degraded_reason,
-                    redact_url(self.target.url),
-                )
+                    location,
+                    extra=observe.log_fields("degraded", component="checkpoints",
+                                             reason=self._degraded_reason, location=location),
+                )  # fmt: skip
+                observe.degraded("checkpoints", True)
 
     def _recovered(self) -> None:
         with self._lock:
             if self._degraded_reason is not None:
                 self._degraded_reason = None
-                logger.warning("bssagent: checkpoint storage is back")
+                logger.warning(
+                    "bssagent: checkpoint storage is back",
+                    extra=observe.log_fields("recovered", component="checkpoints"),
+                )
+                observe.degraded("checkpoints", False)
 
     def _memory_saver(self) -> InMemorySaver:
         with self._lock:

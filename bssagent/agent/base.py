@@ -19,6 +19,7 @@ from langgraph.store.base import BaseStore, IndexConfig
 from langgraph.types import Command, StateSnapshot
 from typing_extensions import Self
 
+from .. import observability as observe
 from ..config import Settings
 from ..errors import (
     BssAgentError,
@@ -427,33 +428,61 @@ class BaseAgent(abc.ABC):
             except BssAgentError as exc:
                 logger.warning("bssagent: post-run deletion check failed (%s)", type(exc).__name__)
 
+    def _span(self, method: str, thread: str) -> Any:
+        return observe.span(
+            "bssagent.agent.run", thread, agent=self.name, method=method,
+            backend=self._persistence.target.backend,
+            current=not method.endswith("stream"),  # a generator may end in another context
+        )  # fmt: skip
+
     @contextmanager
-    def _recorded(self, user_id: str | None, thread: str) -> Iterator[None]:
-        """Count the run on the user's session: time, and whether it raised (re-raised
-        unchanged). A cancelled or abandoned run is not counted."""
-        if user_id is None:
-            yield
-            return
+    def _recorded(self, user_id: str | None, thread: str, method: str) -> Iterator[None]:
+        """Trace and measure the run, and count it on the user's session: time, and whether
+        it raised (re-raised unchanged). A cancelled or abandoned run is not counted."""
         started = time.perf_counter()
-        try:
-            yield
-        except Exception:
-            self._record(user_id, thread, started, error=True)
-            raise
-        self._record(user_id, thread, started, error=False)
+        with self._span(method, thread):
+            try:
+                yield
+            except Exception:
+                observe.run_finished(self.name, started, error=True)
+                if user_id is not None:
+                    self._record(user_id, thread, started, error=True)
+                raise
+            observe.run_finished(self.name, started, error=False)
+            if user_id is not None:
+                self._record(user_id, thread, started, error=False)
 
     @asynccontextmanager
-    async def _arecorded(self, user_id: str | None, thread: str) -> AsyncIterator[None]:
-        if user_id is None:
-            yield
-            return
+    async def _arecorded(
+        self, user_id: str | None, thread: str, method: str
+    ) -> AsyncIterator[None]:
         started = time.perf_counter()
-        try:
+        with self._span(method, thread):
+            try:
+                yield
+            except Exception:
+                observe.run_finished(self.name, started, error=True)
+                if user_id is not None:
+                    await self._arecord(user_id, thread, started, error=True)
+                raise
+            observe.run_finished(self.name, started, error=False)
+            if user_id is not None:
+                await self._arecord(user_id, thread, started, error=False)
+
+    @contextmanager
+    def _held(self, thread: str, strategy: RunStrategy) -> Iterator[None]:
+        """The thread's run lock, its wait measured."""
+        waiting = time.perf_counter()
+        with self._locks.hold(thread, strategy, self._run_timeout):
+            observe.lock_waited(self.name, time.perf_counter() - waiting)
             yield
-        except Exception:
-            await self._arecord(user_id, thread, started, error=True)
-            raise
-        await self._arecord(user_id, thread, started, error=False)
+
+    @asynccontextmanager
+    async def _aheld(self, thread: str, strategy: RunStrategy) -> AsyncIterator[None]:
+        waiting = time.perf_counter()
+        async with self._locks.ahold(thread, strategy, self._run_timeout):
+            observe.lock_waited(self.name, time.perf_counter() - waiting)
+            yield
 
     def _strategy(self, run_strategy: RunStrategy | None) -> RunStrategy:
         strategy = run_strategy or self._run_strategy
@@ -484,8 +513,8 @@ class BaseAgent(abc.ABC):
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
         graph = self._with_store(self._sync_runnable(), user_id, thread)
         with (
-            self._recorded(user_id, thread),
-            self._locks.hold(thread, strategy, self._run_timeout),
+            self._recorded(user_id, thread, "invoke"),
+            self._held(thread, strategy),
             self._guarded(thread),
         ):
             return graph.invoke(input, cfg, **kwargs)
@@ -508,8 +537,8 @@ class BaseAgent(abc.ABC):
 
         def run() -> Iterator[Any]:
             with (
-                self._recorded(user_id, thread),
-                self._locks.hold(thread, strategy, self._run_timeout),
+                self._recorded(user_id, thread, "stream"),
+                self._held(thread, strategy),
                 self._guarded(thread),
             ):
                 yield from graph.stream(input, cfg, **kwargs)
@@ -532,9 +561,9 @@ class BaseAgent(abc.ABC):
         # The saver first: it finds out whether the database is reachable, which decides
         # whether the run lock is PostgreSQL's or a local one.
         async with (
-            self._arecorded(user_id, thread),
+            self._arecorded(user_id, thread, "ainvoke"),
             self._async_graph() as graph,
-            self._locks.ahold(thread, strategy, self._run_timeout),
+            self._aheld(thread, strategy),
             self._aguarded(thread),
         ):
             graph = self._with_store(graph, user_id, thread)
@@ -556,9 +585,9 @@ class BaseAgent(abc.ABC):
         # The saver first: it finds out whether the database is reachable, which decides
         # whether the run lock is PostgreSQL's or a local one.
         async with (
-            self._arecorded(user_id, thread),
+            self._arecorded(user_id, thread, "astream"),
             self._async_graph() as graph,
-            self._locks.ahold(thread, strategy, self._run_timeout),
+            self._aheld(thread, strategy),
             self._aguarded(thread),
         ):
             graph = self._with_store(graph, user_id, thread)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio  # sync: import threading
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -16,6 +17,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.store.base import BaseStore, IndexConfig, Item, Op, PutOp, SearchOp
 from typing_extensions import Self
 
+from .. import observability as observe
 from ..config import Settings
 from ..errors import (
     InvalidInputError,
@@ -334,6 +336,7 @@ class AsyncAgentSessionManager:
             lambda m: m.create(ns, user_id, title, meta, thread_id),
         )
         self._state.remember(user_id, session)
+        observe.session_created(ns)
         return session
 
     async def get_or_create_user_session(
@@ -347,28 +350,35 @@ class AsyncAgentSessionManager:
         Raises:
             InvalidInputError: A bad ``user_id``, ``title`` or ``metadata``.
         """
+        started = time.perf_counter()
         user_id = validation.user_id(user_id)
         title = validation.title(title)
         meta = {} if metadata is None else validation.metadata(metadata)
         cached = self._state.cache.get(user_id)
         timeout = self.settings.session_timeout
+        ns = self.namespace
         if cached is not None and not cached.is_expired(timeout):
+            observe.session_resolved(ns, started, hit=True, created=False)
             return cached
-        ns, thread_id = self.namespace, self._new_thread_id()
-        session, _ = await self._creating(
-            lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),
-            lambda m: m.get_or_create(ns, user_id, title, meta, thread_id),
-        )
-        if session.is_expired(timeout):
-            # Idle past session_timeout: expire it (the next cleanup would) and start anew.
-            # A concurrent caller may have expired it first: that is the same outcome.
-            with suppress(InvalidTransitionError):
-                await self._transition(user_id, session.thread_id, "expired", cascade=True)
-            session, _ = await self._creating(
+        thread_id = self._new_thread_id()
+        with observe.span("bssagent.get_or_create_user_session", namespace=ns) as span:
+            session, created = await self._creating(
                 lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),
                 lambda m: m.get_or_create(ns, user_id, title, meta, thread_id),
             )
+            if session.is_expired(timeout):
+                # Idle past session_timeout: expire it (the next cleanup would) and start
+                # anew. A concurrent caller may have expired it first: the same outcome.
+                with suppress(InvalidTransitionError):
+                    await self._transition(user_id, session.thread_id, "expired", cascade=True)
+                session, created = await self._creating(
+                    lambda s: s.get_or_create(ns, user_id, title, meta, thread_id),
+                    lambda m: m.get_or_create(ns, user_id, title, meta, thread_id),
+                )
+            if span is not None:
+                span.set_attribute("bssagent.created", created)
         self._state.remember(user_id, session)
+        observe.session_resolved(ns, started, hit=False, created=created)
         return session
 
     async def get_current_user_session(self, user_id: str) -> UserSession:
@@ -575,6 +585,8 @@ class AsyncAgentSessionManager:
             which = "current session" if thread_id is None else f"session {thread_id!r}"
             raise SessionNotFoundError(f"no {which} for user {user_id!r}")
         self._state.remember(user_id, session)
+        if target not in ("active", "paused"):
+            observe.session_ended(ns, target)
         return session
 
     async def end_session(
@@ -709,6 +721,8 @@ class AsyncAgentSessionManager:
             for user in users:
                 self._state.forget(user)
             total += len(users)
+            observe.session_ended(ns, "expired", len(users))
+            observe.maintained(ns, "expired", len(users))
             if on_batch is not None:
                 on_batch(len(users))
             if len(users) < batch:
@@ -742,6 +756,7 @@ class AsyncAgentSessionManager:
         )
         if child is None:
             raise SessionNotFoundError(f"no session {parent!r} for user {user_id!r}")
+        observe.session_created(ns)
         return child
 
     async def list_child_sessions(
@@ -980,6 +995,7 @@ class AsyncAgentSessionManager:
             await self._erase_memory([session_root(t) for t in threads])
             await self._call(lambda s: s.mark_swept(threads), lambda m: m.mark_swept(threads))
             total += len(threads)
+        observe.maintained(self.namespace, "swept", total)
         return total
 
     async def apply_retention(
@@ -1015,6 +1031,7 @@ class AsyncAgentSessionManager:
                 total += len(threads)
             else:
                 logger.info("bssagent: this checkpointer has no prune; keep_latest skipped")
+        observe.maintained(ns, "retained", total)
         return total
 
     async def run_maintenance(self) -> dict[str, int]:
@@ -1042,7 +1059,8 @@ class AsyncAgentSessionManager:
                 return
             try:
                 report = await self.run_maintenance()
-                logger.info("bssagent: maintenance %s", report)
+                fields = observe.log_fields("maintenance", namespace=self.namespace, **report)
+                logger.info("bssagent: maintenance %s", report, extra=fields)
             except Exception:  # the cleaner must survive a bad round; the next one retries
                 logger.exception("bssagent: background maintenance failed")
 

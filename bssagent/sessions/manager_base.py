@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import pydantic
 from langchain_core.messages import BaseMessage, message_to_dict
 
+from .. import observability as observe
 from ..config import Settings, StorageTarget, redact_url, resolve_target
 from ..errors import ConfigurationError
 from .cache import VersionedLRU
@@ -145,7 +146,10 @@ class ManagerState:
             self.target.backend,
             self._reason,
             self.location(),
-        )
+            extra=observe.log_fields("degraded", component="sessions", reason=self._reason,
+                             backend=self.target.backend, location=self.location()),
+        )  # fmt: skip
+        observe.degraded("sessions", True)
         return True
 
     def delete_in_memory(
@@ -196,7 +200,10 @@ class ManagerState:
             "bssagent: %s storage is back; %d session(s) from memory reconciled",
             self.target.backend,
             reconciled,
-        )
+            extra=observe.log_fields("recovered", component="sessions", reconciled=reconciled,
+                             backend=self.target.backend, location=self.location()),
+        )  # fmt: skip
+        observe.degraded("sessions", False)
         return True
 
     def location(self) -> str:
