@@ -1,62 +1,75 @@
-"""Benchmark: session lifecycle at scale on PostgreSQL, against the issue's targets.
+"""Benchmark: session lifecycle at scale on PostgreSQL, against raw baselines and the issue's
+targets.
 
     BSSAGENT_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test \\
-        .venv/bin/python tests/benchmarks/bench_lifecycle.py
+        .venv/bin/python tests/benchmarks/bench_lifecycle.py [--quick]
 
 Runs in a fresh database (CREATE DATABASE, dropped at the end):
 
 1. **Lookup scaling** — ``get_current_user_session`` with ``cache_size=0`` on a 1,000,000-row
-   table vs a 1,000-row table (target: ratio <= 1.2). Tables are created through the
-   manager (migrations, triggers), then filled with one ``INSERT ... SELECT generate_series``
-   (the triggers keep the statistics and the event log, as for any write).
+   table vs a 1,000-row table (target: ratio <= 1.2), interleaved with a raw psycopg point
+   query on each table. Tables are created through the manager (migrations, triggers), then
+   filled with one ``INSERT ... SELECT generate_series`` (the triggers keep the statistics
+   and the event log, as for any write).
 2. **Expiry** — ``cleanup_inactive_sessions`` expiring 100,000 idle sessions of the big
-   table in batches (target: >= 30,000 rows/s), then the idle probe: a cleanup with nothing
-   to do (target: < 10 ms).
+   table in batches (target: >= 30,000 rows/s), then a raw psycopg batched ``UPDATE`` doing
+   the same to the seed's plain table (one after the other: expiry is destructive). Then the
+   idle probe, a cleanup with nothing to do (target: < 10 ms), interleaved with the raw
+   ``UPDATE`` finding nothing.
 3. **Retention** — 100 threads x 100 turns through an agent (one-node graph), the sessions
    ended, then checkpoint bytes before / after ``apply_retention(0, "keep_latest")`` and
    after ``"delete"``.
 
-Options: ``--rows``, ``--idle``, ``--threads``, ``--turns`` shrink the run for a quick try;
-``--parts 12`` / ``--parts 3`` run only some parts. The figures are wall-clock: run it on an
-otherwise idle machine.
+``--quick`` shrinks every size (the targets are for the full sizes). The figures are
+wall-clock: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import itertools
 import random
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
+from common import (
+    PLAIN_TABLE_DDL,
+    TIMES,
+    Row,
+    fmt_bytes,
+    fmt_rate,
+    fmt_time,
+    fresh_database,
+    interleave,
+    ratio,
+    run_batch,
+    standalone,
+    verdict,
+)
 from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, MessagesState, StateGraph
 
 from bssagent import AgentSessionManager, BaseAgent
 
-URL = os.environ.get("BSSAGENT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CHECKPOINT_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+SMALL_ROWS = 1000
 
 
-def per_op(fn: Callable[[int], object], n: int, batches: int = 7) -> float:
-    """Median seconds per call of ``fn(i)`` over ``batches`` batches of ``n`` calls."""
-    results = []
-    for b in range(batches):
-        start = time.perf_counter()
-        for i in range(n):
-            fn(b * n + i)
-        results.append((time.perf_counter() - start) / n)
-    return statistics.median(results)
+@dataclass(frozen=True)
+class Sizes:
+    rows: int  # sessions in the big table
+    idle: int  # of which idle, to expire
+    threads: int  # retention: conversations
+    turns: int  # retention: turns each
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+FULL = Sizes(rows=1_000_000, idle=100_000, threads=100, turns=100)
+QUICK = Sizes(rows=100_000, idle=10_000, threads=20, turns=20)
 
 
 def fill(url: str, table: str, rows: int, idle: int) -> float:
@@ -77,14 +90,18 @@ def fill(url: str, table: str, rows: int, idle: int) -> float:
     return took
 
 
+# The plain way to expire: one batch of idle rows of the seed's table per statement.
+RAW_EXPIRE = (
+    "UPDATE raw_sessions SET is_active = FALSE WHERE id IN (SELECT id FROM raw_sessions"
+    " WHERE is_active AND updated_at < now() - interval '1 hour' ORDER BY updated_at"
+    " LIMIT %s FOR UPDATE SKIP LOCKED)"
+)
+
+
 def raw_expiry(conn: psycopg.Connection[Any], rows: int, idle: int, batch: int) -> float:
     """Rows/s of the plain way: the seed's table (no lifecycle columns, no triggers, a partial
     index on ``updated_at WHERE is_active``), expired by batched ``UPDATE``s from raw psycopg."""
-    conn.execute(
-        "CREATE TABLE raw_sessions (id BIGSERIAL PRIMARY KEY, user_id VARCHAR(255) NOT NULL,"
-        " thread_id VARCHAR(255) NOT NULL UNIQUE, is_active BOOLEAN NOT NULL DEFAULT TRUE,"
-        " created_at TIMESTAMPTZ NOT NULL DEFAULT now(), updated_at TIMESTAMPTZ NOT NULL)"
-    )
+    conn.execute(PLAIN_TABLE_DDL.format("raw_sessions"))
     conn.execute("CREATE INDEX raw_sessions_idle_idx ON raw_sessions (updated_at) WHERE is_active")
     conn.execute(
         "INSERT INTO raw_sessions (user_id, thread_id, updated_at)"
@@ -93,13 +110,8 @@ def raw_expiry(conn: psycopg.Connection[Any], rows: int, idle: int, batch: int) 
         (idle, rows),
     )
     conn.execute("VACUUM ANALYZE raw_sessions")
-    query = (
-        "UPDATE raw_sessions SET is_active = FALSE WHERE id IN (SELECT id FROM raw_sessions"
-        " WHERE is_active AND updated_at < now() - interval '1 hour' ORDER BY updated_at"
-        " LIMIT %s FOR UPDATE SKIP LOCKED)"
-    )
     done, start = 0, time.perf_counter()
-    while (n := conn.execute(query, (batch,)).rowcount) > 0:
+    while (n := conn.execute(RAW_EXPIRE, (batch,)).rowcount) > 0:
         done += n
     took = time.perf_counter() - start
     assert done == idle, done
@@ -130,41 +142,51 @@ def checkpoint_bytes(url: str, threads: list[str]) -> dict[str, tuple[int, int]]
         "checkpoint_blobs": "coalesce(octet_length(blob), 0)",
         "checkpoint_writes": "octet_length(blob)",
     }
+    counts = {}
     with psycopg.connect(url, autocommit=True) as conn:
-        return {
-            name: tuple(  # type: ignore[misc]
-                int(v)
-                for v in conn.execute(
-                    f"SELECT count(*), coalesce(sum({payload[name]}), 0) FROM {name}"
-                    " WHERE thread_id = ANY(%s)",
-                    (threads,),
-                ).fetchone()
-            )
-            for name in CHECKPOINT_TABLES
-        }
+        for name in CHECKPOINT_TABLES:
+            row = conn.execute(
+                f"SELECT count(*), coalesce(sum({payload[name]}), 0) FROM {name}"
+                " WHERE thread_id = ANY(%s)",
+                (threads,),
+            ).fetchone()
+            assert row is not None
+            counts[name] = (int(row[0]), int(row[1]))
+    return counts
 
 
 def relation_bytes(url: str) -> int:
     """pg_total_relation_size of the checkpoint tables after VACUUM FULL (disk actually held)."""
+    total = 0
     with psycopg.connect(url, autocommit=True) as conn:
         for name in CHECKPOINT_TABLES:
             conn.execute(f"VACUUM FULL {name}")
-        return sum(
-            conn.execute("SELECT pg_total_relation_size(%s)", (name,)).fetchone()[0]
-            for name in CHECKPOINT_TABLES
-        )
-
-
-def show_bytes(label: str, counts: dict[str, tuple[int, int]], disk: int) -> int:
-    total = sum(b for _, b in counts.values())
-    parts = "  ".join(f"{n}: {r:>6} rows {b / 1e6:>8.2f} MB" for n, (r, b) in counts.items())
-    print(f"  {label:<26} {total / 1e6:>9.2f} MB payload  {disk / 1e6:>9.2f} MB on disk  | {parts}")
+            row = conn.execute("SELECT pg_total_relation_size(%s)", (name,)).fetchone()
+            assert row is not None
+            total += int(row[0])
     return total
 
 
-def lookup_and_expiry(url: str, rows: int, idle: int) -> None:
-    print(f"== 1. lookup scaling: get_current_user_session, cache_size=0, {rows:,} vs 1,000 rows")
-    small_rows, small_idle = 1000, max(1, idle * 1000 // rows)
+def show_bytes(label: str, url: str, threads: list[str]) -> tuple[int, int]:
+    """Print and return (payload bytes, disk bytes) of the checkpoints of ``threads``."""
+    counts, disk = checkpoint_bytes(url, threads), relation_bytes(url)
+    total = sum(b for _, b in counts.values())
+    parts = "  ".join(f"{n}: {r:>6} rows {fmt_bytes(b):>9}" for n, (r, b) in counts.items())
+    print(f"  {label:<20} {fmt_bytes(total):>9} payload {fmt_bytes(disk):>9} on disk | {parts}")
+    return total, disk
+
+
+def walking(fn: Callable[[int], object], n: int) -> Callable[[], float]:
+    """Batches of ``n`` calls of ``fn(i)``, each batch going on where the last one stopped,
+    so that a list indexed by ``i`` is walked rather than repeated."""
+    batches = itertools.count()
+    return lambda: run_batch(fn, n, next(batches) * n)
+
+
+def lookup_and_expiry(url: str, rows: int, idle: int) -> list[Row]:
+    print(f"== lifecycle 1. lookup scaling: get_current_user_session, cache_size=0, {rows:,} "
+          f"vs {SMALL_ROWS:,} rows")  # fmt: skip
+    small_idle = max(1, idle * SMALL_ROWS // rows)
     with (
         AgentSessionManager(database_url=url, table_name="big", cache_size=0) as big,
         AgentSessionManager(database_url=url, table_name="small", cache_size=0) as small,
@@ -174,68 +196,112 @@ def lookup_and_expiry(url: str, rows: int, idle: int) -> None:
         small.get_stats()
         took = fill(url, "big", rows, idle)
         print(f"  filled {rows:,} rows in {took:.1f} s ({rows / took:,.0f} rows/s, triggers on)")
-        fill(url, "small", small_rows, small_idle)
+        fill(url, "small", SMALL_ROWS, small_idle)
         assert big.get_stats().sessions == rows
         rng = random.Random(7)
         big_users = [f"user-{rng.randint(idle + 1, rows)}" for _ in range(50_000)]
-        small_users = [f"user-{rng.randint(small_idle + 1, small_rows)}" for _ in range(50_000)]
+        small_users = [f"user-{rng.randint(small_idle + 1, SMALL_ROWS)}" for _ in range(50_000)]
         query = 'SELECT id, thread_id FROM "{}" WHERE namespace = %s AND user_id = %s AND is_active'
 
-        def lookup(m: AgentSessionManager, users: list[str]) -> Callable[[int], object]:
-            return lambda i: m.get_current_user_session(users[i % len(users)])
+        def lookup(m: AgentSessionManager, users: list[str]) -> Callable[[], float]:
+            return walking(lambda i: m.get_current_user_session(users[i % len(users)]), 1000)
 
-        def raw(table: str, users: list[str]) -> Callable[[int], object]:
+        def raw(table: str, users: list[str]) -> Callable[[], float]:
             q = query.format(table)
-            return lambda i: conn.execute(q, ("default", users[i % len(users)])).fetchone()
+            return walking(
+                lambda i: conn.execute(q, ("default", users[i % len(users)])).fetchone(), 1000
+            )
 
-        for fn in (lookup(big, big_users), lookup(small, small_users)):
-            per_op(fn, 500, batches=2)  # warm-up: pools, prepared statements, caches
-        # Interleave the two tables' batches, so a load change hits both alike.
-        big_t, small_t = [], []
-        for _ in range(5):
-            big_t.append(per_op(lookup(big, big_users), 1000, batches=1))
-            small_t.append(per_op(lookup(small, small_users), 1000, batches=1))
-        big_s, small_s = statistics.median(big_t), statistics.median(small_t)
-        raw_big = per_op(raw("big", big_users), 1000, batches=5)
-        raw_small = per_op(raw("small", small_users), 1000, batches=5)
-        ratio = big_s / small_s
-        print(f"  {'':<36}{'µs/op':>10}")
-        print(f"  {'manager, 1,000 rows':<36}{small_s * 1e6:>10.1f}")
-        print(f"  {f'manager, {rows:,} rows':<36}{big_s * 1e6:>10.1f}")
-        print(f"  {'raw psycopg point query, 1,000 rows':<36}{raw_small * 1e6:>10.1f}")
-        print(f"  {f'raw psycopg point query, {rows:,} rows':<36}{raw_big * 1e6:>10.1f}")
-        ok = verdict(ratio <= 1.2)
-        print(f"  ratio {rows:,} / 1,000 rows: {ratio:.3f}x  (target <= 1.2x)  {ok}")
+        got = interleave(
+            {
+                "manager big": lookup(big, big_users),
+                "manager small": lookup(small, small_users),
+                "raw big": raw("big", big_users),
+                "raw small": raw("small", small_users),
+            },
+            rounds=7,
+        )
+        scaling = got["manager big"] / got["manager small"]
+        raw_scaling = got["raw big"] / got["raw small"]
+        print(f"  {'':<40}{'per lookup':>12}")
+        for name, label in (
+            ("manager small", f"manager, {SMALL_ROWS:,} rows"),
+            ("manager big", f"manager, {rows:,} rows"),
+            ("raw small", f"raw psycopg point query, {SMALL_ROWS:,} rows"),
+            ("raw big", f"raw psycopg point query, {rows:,} rows"),
+        ):
+            print(f"  {label:<40}{fmt_time(got[name]):>12}")
+        ok = verdict(scaling <= 1.2)
+        print(f"  ratio {rows:,} / {SMALL_ROWS:,} rows: manager {scaling:.3f}x "
+              f"(target <= 1.2x) {ok}, raw {raw_scaling:.3f}x")  # fmt: skip
+        lookup_rows = [
+            Row(
+                f"`get_current_user_session`, cache off, {size:,}-row table",
+                fmt_time(got[f"manager {key}"]),
+                f"raw psycopg point query {fmt_time(got[f'raw {key}'])}",
+                ratio(got[f"manager {key}"], got[f"raw {key}"]),
+            )
+            for key, size in (("big", rows), ("small", SMALL_ROWS))
+        ]
+        lookup_rows.append(
+            Row(
+                f"lookup scaling, {rows:,} ÷ {SMALL_ROWS:,} rows",
+                f"{scaling:.3f}{TIMES}",
+                f"raw point query {raw_scaling:.3f}{TIMES}",
+                f"target ≤ 1.2{TIMES}: {ok}",
+            )
+        )
 
-        print(f"\n== 2. expiry: cleanup_inactive_sessions on {idle:,} idle of {rows:,} sessions")
-        print(f"  batch size {big.settings.cleanup_batch_size:,}")
+        batch = big.settings.cleanup_batch_size
+        print(f"\n== lifecycle 2. expiry: cleanup_inactive_sessions on {idle:,} idle of "
+              f"{rows:,} sessions, batches of {batch:,}")  # fmt: skip
         start = time.perf_counter()
         expired = big.cleanup_inactive_sessions(3600)
         took = time.perf_counter() - start
         rate = expired / took
-        print(f"  expired {expired:,} in {took:.2f} s: {rate:,.0f} rows/s  (target >= 30,000)  "
-              f"{verdict(expired == idle and rate >= 30_000)}")  # fmt: skip
-        raw_rate = raw_expiry(conn, rows, idle, big.settings.cleanup_batch_size)
+        ok = verdict(expired == idle and rate >= 30_000)
+        print(f"  expired {expired:,} in {took:.2f} s: {fmt_rate(rate, 'rows')} "
+              f"(target >= 30,000 rows/s) {ok}")  # fmt: skip
+        raw_rate = raw_expiry(conn, rows, idle, batch)
         print(
             f"  baseline: raw psycopg batched UPDATE, the seed's plain table (3 indexes, no "
-            f"triggers): {raw_rate:,.0f} rows/s; bssagent / raw = {rate / raw_rate:.2f}x"
+            f"triggers): {fmt_rate(raw_rate, 'rows')}; bssagent / raw = {rate / raw_rate:.2f}x"
         )
-        probes = []
+        probes: dict[str, list[float]] = {"manager": [], "raw": []}
         for _ in range(25):
             start = time.perf_counter()
             assert big.cleanup_inactive_sessions(3600) == 0
-            probes.append(time.perf_counter() - start)
-        probe = statistics.median(probes)
-        ok = verdict(probe < 0.010)
-        print(f"  idle probe (nothing to expire): median {probe * 1e3:.2f} ms, max "
-              f"{max(probes) * 1e3:.2f} ms  (target < 10 ms)  {ok}")  # fmt: skip
+            middle = time.perf_counter()
+            assert conn.execute(RAW_EXPIRE, (batch,)).rowcount == 0
+            probes["manager"].append(middle - start)
+            probes["raw"].append(time.perf_counter() - middle)
+        probe, raw_probe = (statistics.median(probes[k]) for k in ("manager", "raw"))
+        probe_ok = verdict(probe < 0.010)
+        print(f"  idle probe (nothing to expire): median {fmt_time(probe)}, max "
+              f"{fmt_time(max(probes['manager']))} (target < 10 ms) {probe_ok}; raw UPDATE "
+              f"finding nothing: {fmt_time(raw_probe)}")  # fmt: skip
         stats = big.get_stats()
         print(f"  stats after: {stats.sessions:,} sessions, {stats.open_sessions:,} open "
               f"(expected {rows - idle:,})")  # fmt: skip
+    return [
+        *lookup_rows,
+        Row(
+            f"expiring {idle:,} idle of {rows:,} sessions, batches of {batch:,}",
+            f"{fmt_rate(rate, 'rows')} ({took:.2f} s; events, stats, cascade)",
+            f"raw psycopg batched `UPDATE` on the seed's plain table {fmt_rate(raw_rate, 'rows')}",
+            f"{ratio(rate, raw_rate)} (target ≥ 30k rows/s: {ok})",
+        ),
+        Row(
+            "idle cleanup probe (nothing to expire)",
+            fmt_time(probe),
+            f"raw `UPDATE` finding nothing {fmt_time(raw_probe)}",
+            f"{ratio(probe, raw_probe)} (target < 10 ms: {probe_ok})",
+        ),
+    ]
 
 
-def retention(url: str, threads: int, turns: int) -> None:
-    print(f"\n== 3. retention: {threads} ended threads x {turns} turns (one-node graph)")
+def retention(url: str, threads: int, turns: int) -> list[Row]:
+    print(f"\n== lifecycle 3. retention: {threads} ended threads x {turns} turns (one-node graph)")
     with AgentSessionManager(database_url=url, table_name="ret") as manager:
         agent = EchoAgent(session_manager=manager)
         try:
@@ -253,17 +319,15 @@ def retention(url: str, threads: int, turns: int) -> None:
             print(f"  {threads * turns:,} turns in {took:.1f} s ({threads * turns / took:,.0f}/s)")
             for u in users:
                 manager.end_session(u)
-            sample = {"configurable": {"thread_id": ids[0]}}
+            sample = RunnableConfig(configurable={"thread_id": ids[0]})
             messages = len(agent.get_state(sample).values["messages"])
             assert messages == 2 * turns, messages
 
-            before = show_bytes("before retention", checkpoint_bytes(url, ids), relation_bytes(url))
+            before, disk_before = show_bytes("before retention", url, ids)
             start = time.perf_counter()
             done = manager.apply_retention(0, "keep_latest")
             took = time.perf_counter() - start
-            kept = show_bytes(
-                'after "keep_latest"', checkpoint_bytes(url, ids), relation_bytes(url)
-            )
+            kept, disk_kept = show_bytes('after "keep_latest"', url, ids)
             assert len(agent.get_state(sample).values["messages"]) == messages
             print(f"  keep_latest: {done} threads in {took:.2f} s; latest state intact "
                   f"({messages} messages); payload x{kept / before:.4f} "
@@ -274,39 +338,35 @@ def retention(url: str, threads: int, turns: int) -> None:
             start = time.perf_counter()
             done = manager.apply_retention(0, "delete")
             took = time.perf_counter() - start
-            show_bytes('after "delete"', checkpoint_bytes(url, ids), relation_bytes(url))
+            deleted, disk_deleted = show_bytes('after "delete"', url, ids)
             print(f"  delete: {done} threads in {took:.2f} s")
         finally:
             agent.close()
+    what = f"{threads} ended {turns}-turn threads, checkpoints"
+    return [
+        Row(
+            f"{what} (payload)",
+            f"{fmt_bytes(kept)} (`keep_latest`), {fmt_bytes(deleted)} (`delete`)",
+            f"no retention {fmt_bytes(before)}",
+            f"{ratio(kept, before)} ({before / max(kept, 1):,.0f}{TIMES} smaller)",
+        ),
+        # The tables hold only these threads: on disk after VACUUM FULL, indexes included.
+        Row(
+            f"{what} (on disk after `VACUUM FULL`)",
+            f"{fmt_bytes(disk_kept)} (`keep_latest`), {fmt_bytes(disk_deleted)} (`delete`)",
+            f"no retention {fmt_bytes(disk_before)}",
+            ratio(disk_kept, disk_before),
+        ),
+    ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--idle", type=int, default=100_000)
-    parser.add_argument("--threads", type=int, default=100)
-    parser.add_argument("--turns", type=int, default=100)
-    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 12 or 3")
-    args = parser.parse_args()
-
-    name = f"bench_lifecycle_{uuid.uuid4().hex[:8]}"
-    admin = urlsplit(URL)._replace(path="/postgres").geturl()
-    url = urlsplit(URL)._replace(path=f"/{name}").geturl()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        version = conn.execute("SHOW server_version").fetchone()[0]
-    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"PostgreSQL {version}, fresh database {name}, {os.cpu_count()} CPUs{load}\n")
-    try:
-        if "1" in args.parts or "2" in args.parts:
-            lookup_and_expiry(url, args.rows, args.idle)
-        if "3" in args.parts:
-            retention(url, args.threads, args.turns)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        print(f"\n(dropped {name})")
+def run(url: str, quick: bool) -> list[Row]:
+    sizes = QUICK if quick else FULL
+    with fresh_database(url, "bench_lifecycle") as db:
+        rows = lookup_and_expiry(db, sizes.rows, sizes.idle)
+        rows += retention(db, sizes.threads, sizes.turns)
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    standalone(run, __doc__)
