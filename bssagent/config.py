@@ -30,7 +30,7 @@ from .sessions import validation
 __all__ = ["Backend", "Settings", "StorageTarget", "redact_url", "resolve_target"]
 
 Backend = Literal["postgres", "sqlite", "memory"]
-FallbackMode = Literal["memory", "raise"]
+FallbackMode = Literal["memory", "read_only", "raise"]
 
 
 class Settings(BaseSettings):
@@ -56,7 +56,19 @@ class Settings(BaseSettings):
     cache_ttl: float = Field(default=60.0, gt=0, description="Seconds a cached session is trusted.")
     fallback: FallbackMode = Field(
         default="memory",
-        description="On an unreachable database: 'memory' keeps serving, 'raise' fails closed.",
+        description="On an unreachable database: 'memory' keeps serving, 'read_only' serves "
+        "known users and refuses writes, 'raise' fails closed.",
+    )
+    deadline: float = Field(
+        default=0.5,
+        gt=0,
+        le=600,
+        description="Seconds a session-registry database operation may take (PostgreSQL).",
+    )
+    breaker_threshold: int = Field(
+        default=3,
+        ge=1,
+        description="Connection failures or deadline expiries in a row that open the breaker.",
     )
     connect_timeout: float = Field(default=2.0, gt=0, description="Seconds to open a connection.")
     pool_min_size: int = Field(default=1, ge=0)
@@ -66,7 +78,7 @@ class Settings(BaseSettings):
         default=5, description="psycopg prepare_threshold; set empty (None) behind a pgbouncer."
     )
     reconnect_interval: float = Field(
-        default=5.0, gt=0, description="Seconds between reconnect attempts while degraded."
+        default=5.0, gt=0, description="Seconds the open breaker waits before a probe."
     )
     migration_lock_timeout: float = Field(
         default=60.0, gt=0, description="Seconds to wait for the schema migration lock."

@@ -105,8 +105,11 @@ class Persistence:
         return self._degraded_reason is not None
 
     def _fallback(self, exc: StorageUnavailableError) -> None:
-        """Serve from memory for ``reconnect_interval``, then try the database again."""
-        if self.settings.fallback == "raise":
+        """Serve from memory for ``reconnect_interval``, then try the database again.
+
+        Only with ``fallback="memory"``: a run writes checkpoints, which ``read_only`` (like
+        ``raise``) refuses."""
+        if self.settings.fallback != "memory":
             raise exc
         with self._lock:
             self._down_until = time.monotonic() + self.settings.reconnect_interval

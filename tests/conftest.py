@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import faults
 import pytest
 
 PG_URL_ENV = "BSSAGENT_TEST_DATABASE_URL"
@@ -89,3 +90,23 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'sessions.db'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def proxy(pg_url: str) -> Iterator[faults.TcpProxy]:
+    """A proxy in front of the test server (the tests using it need PostgreSQL)."""
+    parts = urlsplit(pg_url)
+    p = faults.TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+async def drivers() -> AsyncIterator[list[faults.Driver]]:
+    """Drivers made by the test are closed afterwards, even when it fails."""
+    made: list[faults.Driver] = []
+    yield made
+    for d in made:
+        await d.close()

@@ -8,23 +8,14 @@ kills the open ones, as a crashed server or a cut network would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
-import socket
-import struct
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
-import psycopg
 import pytest
+from faults import Driver, TcpProxy, closed_port, make, rows_of
 
 from bssagent import (
-    AgentSessionManager,
-    AsyncAgentSessionManager,
     BssAgentError,
     InvalidInputError,
     StorageUnavailableError,
@@ -36,166 +27,8 @@ KINDS = ["sync", "async"]
 PASSWORD = "s3cret"
 
 
-# -- a loopback TCP proxy -----------------------------------------------------------------------
-
-
-class TcpProxy:
-    """Forward 127.0.0.1:<port> to ``target``; :meth:`refuse` simulates an outage."""
-
-    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
-        self.target = target
-        self.mode = "pass"
-        self.accepted = 0
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self._stop = threading.Event()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self._thread.start()
-
-    def url(self, base: str) -> str:
-        """``base`` (a postgresql:// URL) pointed at the proxy instead."""
-        parts = urlsplit(base)
-        userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        return parts._replace(netloc=f"{userinfo}127.0.0.1:{self.port}").geturl()
-
-    def refuse(self) -> None:
-        """Reset new connections from now on, and kill the open ones."""
-        self.mode = "refuse"
-        with self._lock:
-            victims, self._open = list(self._open), set()
-        for sock in victims:
-            _kill(sock)
-
-    def pass_(self) -> None:
-        self.mode = "pass"
-
-    def close(self) -> None:
-        self._stop.set()
-        self.refuse()
-        self._listener.close()
-        self._thread.join(5)
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            if self.mode != "pass":
-                _kill(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                _kill(client)
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            with self._lock:
-                self._open.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            with self._lock:
-                self._open.discard(src)
-
-
-def _kill(sock: socket.socket) -> None:
-    """Abort a connection with a reset (SO_LINGER 0), waking any thread blocked on it."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-
-
-@pytest.fixture
-def proxy(pg_url: str) -> Iterator[TcpProxy]:
-    """A proxy in front of the test server (the tests using it need PostgreSQL)."""
-    parts = urlsplit(pg_url)
-    p = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-def closed_port() -> int:
-    """A local TCP port nothing listens on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# -- one driver for both managers --------------------------------------------------------------
-
-
-class Driver:
-    """Call a sync or an async manager the same way from an async test."""
-
-    def __init__(self, kind: str, **kwargs: Any) -> None:
-        cls = AgentSessionManager if kind == "sync" else AsyncAgentSessionManager
-        self.manager: Any = cls(**kwargs)
-
-    async def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(self.manager, method)(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
-    @property
-    def degraded(self) -> bool:
-        return bool(self.manager.is_degraded)
-
-    async def close(self) -> None:
-        await self("close")
-
-
-@pytest.fixture
-async def drivers() -> AsyncIterator[list[Driver]]:
-    """Drivers made by the test are closed afterwards, even when it fails."""
-    made: list[Driver] = []
-    yield made
-    for d in made:
-        await d.close()
-
-
-def make(drivers: list[Driver], kind: str, **kwargs: Any) -> Driver:
-    d = Driver(kind, **kwargs)
-    drivers.append(d)
-    return d
-
-
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
-
-
-def rows_of(pg_url: str, table: str, user_id: str) -> list[tuple[str, bool, dict[str, Any]]]:
-    with psycopg.connect(pg_url, connect_timeout=5) as conn:
-        return conn.execute(
-            f'SELECT thread_id, is_active, metadata FROM "{table}" WHERE user_id = %s ORDER BY id',
-            (user_id,),
-        ).fetchall()
 
 
 # -- an unreachable database -------------------------------------------------------------------
@@ -269,9 +102,13 @@ async def test_fallback_raise_fails_fast_and_closed(
         assert isinstance(info.value, BssAgentError)
         assert info.value.__cause__ is not None, "the driver error is chained"
         assert PASSWORD not in str(info.value)
-    assert not m.degraded
-    assert m.manager.health().status == "ok"
-    assert not warnings_of(caplog)
+    assert not m.degraded  # nothing is served from memory
+    health = m.manager.health()
+    assert (health.status, health.breaker, health.failures) == ("unavailable", "open", 3)
+    # Logged once, on entry, without the password.
+    logged = warnings_of(caplog)
+    assert [getattr(r, "bssagent_event", None) for r in logged] == ["unavailable"]
+    assert PASSWORD not in logged[0].getMessage()
     assert PASSWORD not in caplog.text
 
 

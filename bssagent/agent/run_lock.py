@@ -148,7 +148,7 @@ class RunLocks:
         return connection_kwargs(s.connect_timeout, s.prepare_threshold)
 
     def _unavailable(self, exc: StorageUnavailableError) -> None:
-        if self._settings.fallback == "raise":
+        if self._settings.fallback != "memory":  # no runs without the database's locks
             raise exc
         self._down_until = time.monotonic() + self._settings.reconnect_interval
 

@@ -39,6 +39,7 @@ from ..store_scope import (
     user_root,
 )
 from . import lifecycle, migrations, validation
+from .deadline import within  # sync-drop
 from .lifecycle import Status, end_status
 from .manager_base import (
     DEFAULT_PAGE,
@@ -49,6 +50,7 @@ from .manager_base import (
     jsonable,
 )
 
+# sync-only: from .deadline import Deadlines
 # sync-only: from .manager_base import spawn_thread
 from .model import SessionEvent, SessionStats, UserSession
 from .storage.base import AsyncSessionStore
@@ -93,12 +95,15 @@ class AsyncAgentSessionManager:
     argument overrides its setting. Storage is opened lazily on the first call, and the
     schema is migrated then. The manager is safe to share between tasks and threads.
 
-    If the database cannot be reached (at start or later) and ``fallback="memory"`` (the
-    default), calls keep working from memory: a WARNING is logged once, :attr:`is_degraded`
-    turns true, and every ``reconnect_interval`` seconds one call tries the database again.
-    When it answers, sessions created meanwhile are written to it (the database wins for a
-    user who meanwhile got a current session elsewhere). With ``fallback="raise"``,
-    :class:`~bssagent.errors.StorageUnavailableError` reaches the caller instead.
+    Every PostgreSQL call has a hard deadline (``deadline``, 0.5 s). A circuit breaker counts
+    connection failures and deadline expiries: after ``breaker_threshold`` in a row calls
+    skip the database, and every ``reconnect_interval`` seconds one call probes it. Meanwhile,
+    with ``fallback="memory"`` (the default), calls keep working from memory: a WARNING is
+    logged once and :attr:`is_degraded` turns true; when the database answers, sessions
+    created meanwhile are written to it (the database wins for a user who meanwhile got a
+    current session elsewhere). ``fallback="read_only"`` serves known users from the cache
+    and refuses changes; ``fallback="raise"`` fails every call. Both raise
+    :class:`~bssagent.errors.StorageUnavailableError`. :meth:`health` tells which state.
 
     Args:
         database_url: ``postgresql://``, ``sqlite:///`` or ``memory://``; default: the
@@ -107,7 +112,7 @@ class AsyncAgentSessionManager:
         table_name: The session table (a plain SQL identifier).
         cache_size: Current sessions cached (LRU); 0 disables the cache.
         cache_ttl: Seconds a cached session is trusted without asking the database.
-        fallback: ``"memory"`` or ``"raise"`` (see above).
+        fallback: ``"memory"``, ``"read_only"`` or ``"raise"`` (see above).
         settings: A :class:`~bssagent.config.Settings` to start from instead of the
             environment.
         store: A storage backend to use instead of the one the settings name (any object
@@ -165,6 +170,7 @@ class AsyncAgentSessionManager:
         # sync-only: self._wake = threading.Event()
         self._ready = False
         self._setup_lock = asyncio.Lock()  # sync: self._setup_lock = threading.Lock()
+        # sync-only: self._deadlines = Deadlines(resolved.pool_max_size + 2)
         self._closed = False
 
     # -- properties -----------------------------------------------------------------------
@@ -206,7 +212,8 @@ class AsyncAgentSessionManager:
         return self._state.degraded
 
     def health(self) -> Health:
-        """The storage status: ``ok`` or ``degraded``, with the reason and since when."""
+        """The storage status: ``ok``, ``degraded`` or ``unavailable``, with the reason, since
+        when, and the breaker's state."""
         return self._state.health()
 
     async def schema_status(self) -> dict[str, list[str]]:
@@ -246,9 +253,12 @@ class AsyncAgentSessionManager:
         primary: Callable[[AsyncSessionStore], Awaitable[T]],
         fallback: Callable[[MemoryStore], T],
     ) -> T:
-        """Run ``primary`` on the configured store, or ``fallback`` on memory if it is down."""
+        """Run ``primary`` on the configured store within the deadline, or ``fallback`` on
+        memory while it is unreachable (see :mod:`bssagent.sessions.breaker`)."""
         state = self._state
-        if not state.should_try_primary():
+        if not state.should_try_primary():  # the breaker is open: no wait for a dead server
+            if state.settings.fallback == "raise":
+                raise state.unavailable()
             served, result = state.in_memory(fallback)
             if served:
                 return cast(T, result)
@@ -258,13 +268,26 @@ class AsyncAgentSessionManager:
             if state.degraded:
                 # Before the call, so that it sees what was written while degraded.
                 await self._reconcile()
-            return await primary(self._store)
+            result = await self._deadlined(primary)
         except StorageUnavailableError as exc:
-            if state.settings.fallback == "raise":
+            raising = state.settings.fallback == "raise"
+            if state.record_failure(exc) if raising else state.enter_degraded(exc):
+                # Fresh connections after the outage; closing must not hold up this call.
+                with suppress(StorageUnavailableError):
+                    await self._deadlined(lambda s: s.close())
+            if raising:
                 raise
-            if state.enter_degraded(exc):
-                await self._store.close()
             return cast(T, state.in_memory(fallback, force=True)[1])
+        state.record_success()
+        return result
+
+    async def _deadlined(self, call: Callable[[AsyncSessionStore], Awaitable[T]]) -> T:
+        """``call(store)`` within the ``deadline`` setting (PostgreSQL: a network can hang;
+        SQLite and memory are local)."""
+        if self.backend != "postgres":
+            return await call(self._store)
+        # sync-only: return self._deadlines.run(lambda: call(self._store), self.settings.deadline)
+        return await within(call(self._store), self.settings.deadline)  # sync-drop
 
     async def _creating(
         self,
@@ -299,16 +322,16 @@ class AsyncAgentSessionManager:
         while True:
             version = state.memory_version()
             # Deletions first, so that nothing deleted during the outage comes back.
-            for user_id, thread_id in state.pending_deletions():
-                if thread_id is None:
-                    await self._store.delete_user(ns, user_id)
+            for user_id, thread in state.pending_deletions():
+                if thread is None:
+                    await self._deadlined(lambda s: s.delete_user(ns, user_id))  # noqa: B023
                 else:
-                    await self._store.delete(ns, user_id, thread_id)
+                    await self._deadlined(lambda s: s.delete(ns, user_id, thread))  # noqa: B023
             # Ended sessions first: a chat started during the outage replaces the old
             # current one only once the old one's deactivation is written.
             sessions = sorted(state.memory.sessions(), key=lambda s: s.is_active)
             for session in sessions:
-                await self._store.adopt(session)
+                await self._deadlined(lambda s: s.adopt(session))  # noqa: B023
             if state.leave_degraded(len(sessions), version):
                 return
 
@@ -1076,6 +1099,7 @@ class AsyncAgentSessionManager:
             # sync-only: self._cleaner.join()
             self._cleaner = None
         await self._store.close()
+        # sync-only: self._deadlines.close()
         await self._persistence.aclose()  # sync: self._persistence.close()
 
     async def __aenter__(self) -> Self:

@@ -19,7 +19,7 @@ from langchain_core.messages import BaseMessage, message_to_dict
 
 from .. import observability as observe
 from ..config import Settings, StorageTarget, redact_url, resolve_target
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageUnavailableError
 from .cache import VersionedLRU
 from .model import UserSession
 from .storage.base import Limits
@@ -37,19 +37,24 @@ class Health:
     """A manager's view of its storage.
 
     Attributes:
-        status: ``"ok"`` when the configured backend serves calls, ``"degraded"`` while the
-            memory-only fallback does.
+        status: ``"ok"`` when the configured backend serves calls; ``"degraded"`` while the
+            memory fallback does (``fallback="memory"`` / ``"read_only"``); ``"unavailable"``
+            while calls fail (``fallback="raise"``).
         backend: The configured backend (``postgres`` / ``sqlite`` / ``memory``).
-        reason: Why the manager is degraded (the error class), else ``None``.
-        since: When degraded mode started (UTC), else ``None``.
-        degraded_episodes: How many times this manager entered degraded mode.
+        reason: Why (the error class, or ``DeadlineExceeded``), else ``None``.
+        since: When the outage began (UTC), else ``None``.
+        degraded_episodes: Outages this manager has seen.
+        breaker: ``closed`` / ``open`` / ``half_open`` (see ``ManagerState.breaker``).
+        failures: Connection failures and deadline expiries in a row.
     """
 
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "unavailable"]
     backend: str
     reason: str | None
     since: datetime | None
     degraded_episodes: int
+    breaker: Literal["closed", "open", "half_open"] = "closed"
+    failures: int = 0
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -103,7 +108,7 @@ class ManagerState:
             settings.cache_size, settings.cache_ttl
         )
         self.limits = limits_of(settings)
-        self.memory = MemoryStore(limits=self.limits)
+        self.memory = self._fresh_memory()
         # Reentrant: fallbacks run under it and may record deletions (which take it too).
         self._lock = threading.RLock()
         self._since: datetime | None = None
@@ -111,31 +116,100 @@ class ManagerState:
         self._next_retry = 0.0
         self._episodes = 0
         self._deletions: list[tuple[str, str | None]] = []
+        # The circuit breaker: connection-class failures and deadline expiries in a row.
+        self._failures = 0
+        self._down_since: datetime | None = None  # fallback="raise": unavailable since
+
+    def _fresh_memory(self) -> MemoryStore:
+        memory = MemoryStore(limits=self.limits)
+        memory.read_only = self.settings.fallback == "read_only"
+        return memory
 
     @property
     def degraded(self) -> bool:
         return self._since is not None
 
+    @property
+    def breaker(self) -> Literal["closed", "open", "half_open"]:
+        """``closed`` (calls go to the database), ``open`` (they go straight to the
+        fallback), ``half_open`` (the next call probes the database)."""
+        with self._lock:
+            if self._failures < self.settings.breaker_threshold:
+                return "closed"
+            return "open" if time.monotonic() < self._next_retry else "half_open"
+
     def should_try_primary(self) -> bool:
-        """Whether a call should go to the configured backend (always, unless degraded and
-        the next reconnect attempt is not due; a due attempt is claimed by one caller)."""
-        if self._since is None:
+        """Whether a call should go to the configured backend: yes while the breaker is
+        closed; while it is open, only the one caller that claims a due probe."""
+        if self._failures == 0:
             return True
         with self._lock:
+            if self._failures < self.settings.breaker_threshold:
+                return True
             now = time.monotonic()
             if now < self._next_retry:
                 return False
             self._next_retry = now + self.settings.reconnect_interval
             return True
 
+    def _count_failure(self, exc: BaseException) -> None:
+        self._failures += 1
+        if self._failures >= self.settings.breaker_threshold:
+            self._next_retry = time.monotonic() + self.settings.reconnect_interval
+        self._reason = type(exc.__cause__ or exc).__name__
+        if "deadline" in str(exc):
+            self._reason = "DeadlineExceeded"
+
+    def record_failure(self, exc: BaseException) -> bool:
+        """A connection-class failure or deadline expiry with ``fallback="raise"``; True if
+        it began an outage."""
+        with self._lock:
+            self._count_failure(exc)
+            if self._down_since is not None:
+                return False
+            self._down_since = datetime.now(timezone.utc)
+            self._episodes += 1
+            reason = self._reason
+        logger.warning(
+            "bssagent: %s storage unavailable (%s, %s); calls fail with "
+            "StorageUnavailableError until it returns",
+            self.target.backend, reason, self.location(),
+            extra=observe.log_fields("unavailable", component="sessions", reason=reason,
+                                     backend=self.target.backend, location=self.location()),
+        )  # fmt: skip
+        observe.degraded("sessions", True)
+        return True
+
+    def record_success(self) -> None:
+        """The database answered: the breaker closes."""
+        if self._failures == 0 and self._down_since is None:
+            return
+        with self._lock:
+            self._failures = 0
+            was_down, self._down_since = self._down_since, None
+        if was_down is not None:
+            logger.warning(
+                "bssagent: %s storage is back", self.target.backend,
+                extra=observe.log_fields("recovered", component="sessions",
+                                         backend=self.target.backend, location=self.location()),
+            )  # fmt: skip
+            observe.degraded("sessions", False)
+
+    def unavailable(self) -> StorageUnavailableError:
+        """The error a call gets while the breaker is open and ``fallback="raise"``."""
+        since = self._down_since.isoformat() if self._down_since else "now"
+        return StorageUnavailableError(
+            f"{self.target.backend} unavailable since {since} ({self._reason}); "
+            f"next attempt in at most {self.settings.reconnect_interval:g} s"
+        )
+
     def enter_degraded(self, exc: BaseException) -> bool:
         """Record a connection-class failure; True if this call started degraded mode."""
         with self._lock:
-            self._next_retry = time.monotonic() + self.settings.reconnect_interval
+            self._count_failure(exc)
             if self._since is not None:
                 return False
             self._since = datetime.now(timezone.utc)
-            self._reason = type(exc.__cause__ or exc).__name__
             self._episodes += 1
         # Known users keep their sessions: copy the cached ones into the fallback store.
         for session in self.cache.values():
@@ -157,6 +231,7 @@ class ManagerState:
     ) -> list[str]:
         """A deletion while degraded: done in memory, and replayed on the database by the
         reconciliation (so a session seeded from the cache does not come back)."""
+        memory._writable("delete")
         with self._lock:
             self._deletions.append((user_id, thread_id))
         if thread_id is None:
@@ -193,8 +268,9 @@ class ManagerState:
                 return False
             self._since = None
             self._reason = None
+            self._failures = 0
             self._deletions = []
-            self.memory = MemoryStore(limits=self.limits)
+            self.memory = self._fresh_memory()
             self.cache.clear()
         logger.warning(
             "bssagent: %s storage is back; %d session(s) from memory reconciled",
@@ -215,13 +291,19 @@ class ManagerState:
         return "memory"
 
     def health(self) -> Health:
+        breaker = self.breaker
         with self._lock:
+            status: Literal["ok", "degraded", "unavailable"] = (
+                "degraded" if self._since else "unavailable" if self._down_since else "ok"
+            )
             return Health(
-                status="degraded" if self._since else "ok",
+                status=status,
                 backend=self.target.backend,
-                reason=self._reason,
-                since=self._since,
+                reason=self._reason if status != "ok" else None,
+                since=self._since or self._down_since,
                 degraded_episodes=self._episodes,
+                breaker=breaker,
+                failures=self._failures,
             )
 
     def remember(self, user_id: str, session: UserSession | None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ...errors import SessionLimitError
+from ...errors import SessionLimitError, StorageUnavailableError
 from ..lifecycle import (
     ENDED,
     OPEN,
@@ -63,6 +63,15 @@ class MemoryStore:
         self.writes = 0
         """Sessions inserted, changed or deleted so far (the fallback's reconciliation
         compares it before and after a pass)."""
+        self.read_only = False
+        """Refuse every change (``StorageUnavailableError``): the ``read_only`` fallback."""
+
+    def _writable(self, operation: str) -> None:
+        """Refuse a change when this store is a read-only fallback."""
+        if self.read_only:
+            raise StorageUnavailableError(
+                f"the database is unavailable and the fallback is read-only: {operation} refused"
+            )
 
     def setup(self) -> None:
         """Nothing to set up."""
@@ -85,12 +94,14 @@ class MemoryStore:
             current = self._current.get((namespace, user_id))
             if current:
                 return self._by_thread[current], False
+            self._writable("get_or_create")
             self._enforce_limits(namespace, user_id)
             return self._insert(namespace, user_id, title, metadata, thread_id), True
 
     def create(
         self, namespace: str, user_id: str, title: str, metadata: dict[str, Any], thread_id: str
     ) -> UserSession:
+        self._writable("create")
         with self._lock:
             self._enforce_limits(namespace, user_id)
             self._deactivate(namespace, user_id)
@@ -103,15 +114,18 @@ class MemoryStore:
     def update(
         self, namespace: str, user_id: str, thread_id: str | None, fields: dict[str, Any]
     ) -> UserSession | None:
+        self._writable("update")
         with self._lock:
             session = self._target(namespace, user_id, thread_id)
             return None if session is None else self._replace(session, **fields)
 
     def deactivate(self, namespace: str, user_id: str) -> UserSession | None:
+        self._writable("deactivate")
         with self._lock:
             return self._deactivate(namespace, user_id)
 
     def switch(self, namespace: str, user_id: str, thread_id: str) -> UserSession | None:
+        self._writable("switch")
         with self._lock:
             session = self._owned(namespace, user_id, thread_id)
             if session is None or session.is_active:
@@ -121,6 +135,7 @@ class MemoryStore:
             return self._replace(session, is_active=True)
 
     def delete(self, namespace: str, user_id: str, thread_id: str) -> list[str]:
+        self._writable("delete")
         with self._lock:
             session = self._owned(namespace, user_id, thread_id)
             if session is None:
@@ -175,6 +190,7 @@ class MemoryStore:
     def transition(
         self, namespace: str, user_id: str, thread_id: str | None, target: Status, cascade: bool
     ) -> UserSession | None:
+        self._writable("transition")
         with self._lock:
             session = self._target(namespace, user_id, thread_id)
             if session is None:
@@ -198,6 +214,7 @@ class MemoryStore:
         processing_time: float,
         error: bool,
     ) -> UserSession | None:
+        self._writable("record_request")
         with self._lock:
             session = self._target(namespace, user_id, thread_id)
             if session is None:
@@ -212,6 +229,7 @@ class MemoryStore:
             )
 
     def expire_idle(self, namespace: str, idle_before: datetime, batch: int) -> list[str]:
+        self._writable("expire_idle")
         cutoff = _utc(idle_before)
         with self._lock:
             idle = sorted(
@@ -251,6 +269,7 @@ class MemoryStore:
         metadata: dict[str, Any],
         thread_id: str,
     ) -> UserSession | None:
+        self._writable("create_child")
         with self._lock:
             if self._owned(namespace, user_id, parent_thread_id) is None:
                 return None
@@ -293,6 +312,7 @@ class MemoryStore:
         return [e.model_copy(deep=True) for e in rows]
 
     def delete_user(self, namespace: str, user_id: str) -> list[str]:
+        self._writable("delete_user")
         with self._lock:
             doomed = sorted(self._user_sessions(namespace, user_id), key=lambda s: s.id)
             self._remove(doomed)
@@ -346,6 +366,7 @@ class MemoryStore:
             return [t for t, swept in self._tombstones.items() if not swept][: max(limit, 0)]
 
     def mark_swept(self, thread_ids: list[str]) -> None:
+        self._writable("mark_swept")
         with self._lock:
             for thread_id in thread_ids:
                 if thread_id in self._tombstones:
@@ -366,6 +387,7 @@ class MemoryStore:
         return [thread_id for _, thread_id in due[: max(limit, 0)]]
 
     def mark_retained(self, thread_ids: list[str]) -> None:
+        self._writable("mark_retained")
         with self._lock:
             self._retained.update(t for t in thread_ids if t in self._by_thread)
 

@@ -87,6 +87,22 @@ def server_options(url: str) -> str:
     return given if "jit" in given else f"{given} -c jit=off".strip()
 
 
+def network_options(url: str) -> dict[str, Any]:
+    """TCP keepalives and ``tcp_user_timeout`` for bssagent connections, unless the DSN sets
+    its own: a connection to a server that vanished (a cut network, a powered-off host)
+    then fails within seconds instead of hanging until the kernel gives up (minutes).
+    A call abandoned at its deadline (see ``sessions/deadline.py``) ends the same way."""
+    given = conninfo_to_dict(url)
+    defaults = {
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,  # ms of unacknowledged data
+    }
+    return {k: v for k, v in defaults.items() if k not in given}
+
+
 def to_session(row: dict[str, Any]) -> UserSession:
     return UserSession.model_validate(row)
 

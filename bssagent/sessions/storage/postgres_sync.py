@@ -31,6 +31,7 @@ from .postgres_common import (
     build_queries,
     connection_kwargs,
     jsonb,
+    network_options,
     server_options,
     to_event,
     to_session,
@@ -83,7 +84,7 @@ def open_pool(
     would keep retrying in the background until its timeout. The pool is closed again if it
     cannot open. Errors are psycopg's (wrap them with ``wrap_errors``).
     """
-    kwargs = {**kwargs, "options": server_options(url)}
+    kwargs = {**kwargs, **network_options(url), "options": server_options(url)}
     probe = Connection.connect(url, **kwargs)
     probe.close()
     pool: ConnectionPool[Connection[DictRow]] = ConnectionPool(
