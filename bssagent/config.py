@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         le=600,
         description="Seconds a session-registry database operation may take (PostgreSQL).",
     )
+    notifications: bool = Field(
+        default=True,
+        description="Follow other processes' session changes (PostgreSQL LISTEN/NOTIFY).",
+    )
     breaker_threshold: int = Field(
         default=3,
         ge=1,

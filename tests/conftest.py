@@ -57,6 +57,7 @@ def table_name() -> Iterator[str]:
                     conn.execute(f'DROP TABLE IF EXISTS "{name}{suffix}" CASCADE')
                 for suffix in ("insert", "update", "delete"):
                     conn.execute(f'DROP FUNCTION IF EXISTS "{name}_track_{suffix}"()')
+                conn.execute(f'DROP FUNCTION IF EXISTS "{name}_notify"()')
                 if conn.execute("SELECT to_regclass('bssagent_migrations')").fetchone()[0]:
                     conn.execute("DELETE FROM bssagent_migrations WHERE target = %s", (name,))
         except psycopg.OperationalError:

@@ -42,6 +42,7 @@ from bssagent import (
 from bssagent.agent import OfflineChatModel
 from bssagent.demo import ChatAgent
 from bssagent.errors import InvalidTransitionError, SessionLimitError
+from bssagent.sessions import migrations
 from bssagent.sessions.model import SessionEvent, SessionStats
 
 pytestmark = pytest.mark.timeout(60)
@@ -197,6 +198,7 @@ def drop_postgres_tables(url: str, table: str) -> None:
             conn.execute(f'DROP TABLE IF EXISTS "{table}{suffix}" CASCADE')
         for kind in ("insert", "update", "delete"):
             conn.execute(f'DROP FUNCTION IF EXISTS "{table}_track_{kind}"()')
+        conn.execute(f'DROP FUNCTION IF EXISTS "{table}_notify"()')
 
 
 # Every test runs on a sync manager with the cache and an async one without it; the tests
@@ -996,13 +998,27 @@ async def test_list_sessions_filters_by_user_and_status_in_pages(mgr: Manager) -
         assert info.value.field == field
 
 
+async def test_a_deleted_thread_is_not_brought_back_by_reconciliation(mgr: Manager) -> None:
+    """A replica may hold a stale copy of a session another one deleted (in its cache, or
+    seeded into its fallback): replaying it must not recreate the thread."""
+    stale = await mgr.get_or_create_user_session("ghost")
+    await mgr.delete_user_data("ghost")
+    adopted = (
+        await mgr.manager.store.adopt(stale) if mgr.is_async else mgr.manager.store.adopt(stale)
+    )
+    assert adopted == stale
+    assert await mgr.list_user_sessions("ghost") == []
+    assert await mgr.is_thread_deleted(stale.thread_id)
+
+
 async def test_schema_status_and_migrate(mgr: Manager) -> None:
     status = await mgr.schema_status()
     if mgr.backend == "memory":
         assert status == {"applied": [], "pending": []}
         assert await mgr.migrate() == []
         return
-    names = ["0001_user_sessions", "0002_lifecycle"]
+    dialect: Any = "postgresql" if mgr.backend == "postgres" else "sqlite"
+    names = [f"{m.version:04d}_{m.name}" for m in migrations.migrations(dialect)]
     assert status == {"applied": [], "pending": names}
     assert await mgr.migrate() == names
     assert await mgr.schema_status() == {"applied": names, "pending": []}

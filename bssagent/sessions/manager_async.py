@@ -167,6 +167,8 @@ class AsyncAgentSessionManager:
             else Persistence(resolved, checkpointer, memory_store, memory_index)
         )
         self._cleaner: Any = None
+        self._feed: Any = None  # the change feed (PostgreSQL) and its task / thread
+        self._feed_runner: Any = None
         # sync-only: self._wake = threading.Event()
         self._ready = False
         self._setup_lock = asyncio.Lock()  # sync: self._setup_lock = threading.Lock()
@@ -308,8 +310,37 @@ class AsyncAgentSessionManager:
             if not self._ready:
                 await self._store.setup()
                 self._ready = True
+                self._follow_changes()
                 if self.settings.cleanup_interval is not None:
                     self.start_cleaner()
+
+    def _follow_changes(self) -> None:
+        """Start the change feed: other processes' changes reach this cache in milliseconds
+        (without it, a cached session may be stale for up to ``cache_ttl``)."""
+        if not self.settings.notifications or self.backend != "postgres":
+            return
+        from .storage.postgres_async import AsyncChangeFeed, AsyncPostgresStore
+
+        store = self._store
+        if not isinstance(store, AsyncPostgresStore):
+            return  # a store of the caller's own
+        state, ns = self._state, self.namespace
+
+        def changed(namespace: str, user_id: str | None) -> None:
+            if namespace != ns:
+                return
+            if user_id is None:
+                state.flush_cache()
+            else:
+                state.forget(user_id)
+
+        assert state.target.url is not None
+        self._feed = AsyncChangeFeed(
+            state.target.url, self.settings.table_name, store.origin, changed, state.flush_cache,
+            connect_timeout=self.settings.connect_timeout, retry=self.settings.reconnect_interval,
+        )  # fmt: skip
+        # sync-only: self._feed_runner = spawn_thread(self._feed.run, name="bssagent-changes")
+        self._feed_runner = asyncio.get_running_loop().create_task(self._feed.run())  # sync-drop
 
     async def _reconcile(self) -> None:
         """The database is back: replay what was written in memory, then leave degraded mode.
@@ -1098,6 +1129,12 @@ class AsyncAgentSessionManager:
             self._cleaner.cancel()  # sync: self._wake.set()
             # sync-only: self._cleaner.join()
             self._cleaner = None
+        if self._feed is not None:
+            self._feed.stop()
+            self._feed = None
+            self._feed_runner.cancel()  # sync-drop
+            self._feed_runner = None
+            self._ready = False  # a later call reopens the connections, and the feed
         await self._store.close()
         # sync-only: self._deadlines.close()
         await self._persistence.aclose()  # sync: self._persistence.close()

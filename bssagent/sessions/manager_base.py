@@ -79,9 +79,11 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def spawn_thread(target: Callable[..., object], *args: object) -> threading.Thread:
-    """Start ``target(*args)`` in a daemon thread (the sync manager's background cleaner)."""
-    thread = threading.Thread(target=target, args=args, name="bssagent-cleaner", daemon=True)
+def spawn_thread(
+    target: Callable[..., object], *args: object, name: str = "bssagent-cleaner"
+) -> threading.Thread:
+    """Start ``target(*args)`` in a daemon thread (the sync manager's background work)."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
     thread.start()
     return thread
 
@@ -119,6 +121,7 @@ class ManagerState:
         # The circuit breaker: connection-class failures and deadline expiries in a row.
         self._failures = 0
         self._down_since: datetime | None = None  # fallback="raise": unavailable since
+        self._flushed: dict[str, UserSession] = {}
 
     def _fresh_memory(self) -> MemoryStore:
         memory = MemoryStore(limits=self.limits)
@@ -211,8 +214,9 @@ class ManagerState:
                 return False
             self._since = datetime.now(timezone.utc)
             self._episodes += 1
-        # Known users keep their sessions: copy the cached ones into the fallback store.
-        for session in self.cache.values():
+        # Known users keep their sessions: copy the cached ones into the fallback store (and
+        # those last flushed for staleness: in an outage, stale knowledge beats none).
+        for session in (*self._flushed.values(), *self.cache.values()):
             self.memory.adopt(session)
         logger.warning(
             "bssagent: %s storage unavailable (%s, %s); serving sessions from memory until it "
@@ -314,6 +318,13 @@ class ManagerState:
             self.cache.put(user_id, session, session.updated_at)
         else:
             self.cache.invalidate(user_id, session.updated_at)
+
+    def flush_cache(self) -> None:
+        """Stop trusting every cached session (changes made elsewhere may have been missed),
+        keeping them only to seed the fallback should the database be down too."""
+        with self._lock:
+            self._flushed = {s.user_id: s for s in self.cache.values()}
+            self.cache.clear()
 
     def forget(self, user_id: str) -> None:
         """Invalidate the user's cached session after a change whose result is unknown."""

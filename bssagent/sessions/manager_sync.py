@@ -166,6 +166,8 @@ class AgentSessionManager:
             else Persistence(resolved, checkpointer, memory_store, memory_index)
         )
         self._cleaner: Any = None
+        self._feed: Any = None  # the change feed (PostgreSQL) and its task / thread
+        self._feed_runner: Any = None
         self._wake = threading.Event()
         self._ready = False
         self._setup_lock = threading.Lock()
@@ -306,8 +308,36 @@ class AgentSessionManager:
             if not self._ready:
                 self._store.setup()
                 self._ready = True
+                self._follow_changes()
                 if self.settings.cleanup_interval is not None:
                     self.start_cleaner()
+
+    def _follow_changes(self) -> None:
+        """Start the change feed: other processes' changes reach this cache in milliseconds
+        (without it, a cached session may be stale for up to ``cache_ttl``)."""
+        if not self.settings.notifications or self.backend != "postgres":
+            return
+        from .storage.postgres_sync import ChangeFeed, PostgresStore
+
+        store = self._store
+        if not isinstance(store, PostgresStore):
+            return  # a store of the caller's own
+        state, ns = self._state, self.namespace
+
+        def changed(namespace: str, user_id: str | None) -> None:
+            if namespace != ns:
+                return
+            if user_id is None:
+                state.flush_cache()
+            else:
+                state.forget(user_id)
+
+        assert state.target.url is not None
+        self._feed = ChangeFeed(
+            state.target.url, self.settings.table_name, store.origin, changed, state.flush_cache,
+            connect_timeout=self.settings.connect_timeout, retry=self.settings.reconnect_interval,
+        )  # fmt: skip
+        self._feed_runner = spawn_thread(self._feed.run, name="bssagent-changes")
 
     def _reconcile(self) -> None:
         """The database is back: replay what was written in memory, then leave degraded mode.
@@ -1086,6 +1116,11 @@ class AgentSessionManager:
             self._wake.set()
             self._cleaner.join()
             self._cleaner = None
+        if self._feed is not None:
+            self._feed.stop()
+            self._feed = None
+            self._feed_runner = None
+            self._ready = False  # a later call reopens the connections, and the feed
         self._store.close()
         self._deadlines.close()
         self._persistence.close()

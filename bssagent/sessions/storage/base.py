@@ -219,7 +219,8 @@ class SessionStore(Protocol):
         Follows :func:`~.adoption.plan_adoption`: the newer ``updated_at`` wins for a stored
         thread; a user never gets two current sessions, and if the user meanwhile got
         another current session, that one stays current and the adopted one is stored
-        inactive with ``metadata["bssagent_merged"] = True``.
+        inactive with ``metadata["bssagent_merged"] = True``. A thread with a tombstone is
+        not stored again (returned as given): deleted stays deleted.
         """
 
 

@@ -158,6 +158,8 @@ class MemoryStore:
 
     def adopt(self, session: UserSession) -> UserSession:
         with self._lock:
+            if session.thread_id in self._tombstones:
+                return session  # deleted meanwhile: a stale copy must not bring it back
             stored = self._by_thread.get(session.thread_id)
             current_thread = self._current.get((session.namespace, session.user_id))
             current = self._by_thread[current_thread] if current_thread else None

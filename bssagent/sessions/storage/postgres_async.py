@@ -8,12 +8,15 @@ server restart does not hand out dead connections.
 from __future__ import annotations
 
 import asyncio  # sync: import threading
+import json
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -75,6 +78,7 @@ async def open_pool(
     timeout: float,
     open_timeout: float,
     name: str,
+    origin: str | None = None,
 ) -> AsyncConnectionPool[AsyncConnection[DictRow]]:
     """Open a health-checked pool the way every bssagent pool is opened.
 
@@ -82,7 +86,7 @@ async def open_pool(
     would keep retrying in the background until its timeout. The pool is closed again if it
     cannot open. Errors are psycopg's (wrap them with ``wrap_errors``).
     """
-    kwargs = {**kwargs, **network_options(url), "options": server_options(url)}
+    kwargs = {**kwargs, **network_options(url), "options": server_options(url, origin)}
     probe = await AsyncConnection.connect(url, **kwargs)
     await probe.close()
     pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
@@ -143,6 +147,8 @@ class AsyncPostgresStore:
         self._connect_timeout = connect_timeout
         self._kwargs = connection_kwargs(connect_timeout, prepare_threshold)
         self._lock_timeout = lock_timeout
+        self.origin = uuid.uuid4().hex
+        """Marks this store's writes in change notifications (see :class:`AsyncChangeFeed`)."""
         self._pool: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
         self._pool_lock = asyncio.Lock()  # sync: self._pool_lock = threading.Lock()
 
@@ -161,6 +167,7 @@ class AsyncPostgresStore:
                     timeout=self._pool_timeout,
                     open_timeout=self._connect_timeout + 1,
                     name="bssagent",
+                    origin=self.origin,
                 )
         return self._pool
 
@@ -346,6 +353,9 @@ class AsyncPostgresStore:
             await conn.execute(
                 self._q.lock_user, (self._user_key(session.namespace, session.user_id),)
             )
+            cur = await conn.execute(self._q.is_deleted, (session.thread_id,))
+            if await cur.fetchone() is not None:
+                return session  # deleted meanwhile: a stale copy must not bring it back
             cur = await conn.execute(self._q.by_thread, (session.thread_id,))
             row = await cur.fetchone()
             stored = to_session(row) if row else None
@@ -564,3 +574,74 @@ class AsyncPostgresStore:
     async def mark_retained(self, thread_ids: list[str]) -> None:
         async with self._connection() as conn:
             await conn.execute(self._q.mark_retained, (thread_ids,))
+
+
+class AsyncChangeFeed:
+    """Follows the session table's change notifications (migration 0003) on a dedicated
+    connection, so that every process's cache learns of another's changes within
+    milliseconds.
+
+    ``on_change(namespace, user_id)`` is called for each change made by another store
+    (``user_id`` is ``None`` for a bulk change: forget the whole namespace); ``on_gap()``
+    whenever notifications may have been missed (on every (re)connection): the caller then
+    forgets everything. Reconnects every ``retry`` seconds until :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        table: str,
+        origin: str,
+        on_change: Callable[[str, str | None], None],
+        on_gap: Callable[[], None],
+        *,
+        connect_timeout: float = 2.0,
+        retry: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._listen = sql.SQL("LISTEN {}").format(sql.Identifier(f"{table}_changes"))
+        self._origin = origin
+        self._on_change = on_change
+        self._on_gap = on_gap
+        self._kwargs = {
+            **connection_kwargs(connect_timeout, None),
+            **network_options(url),
+            "options": server_options(url),
+        }
+        self._retry = retry
+        self._stopped = False
+        self.connected = False
+        """Whether notifications are being received right now."""
+
+    async def run(self) -> None:
+        """Listen until :meth:`stop` (a background task or thread)."""
+        while not self._stopped:
+            try:
+                async with await AsyncConnection.connect(self._url, **self._kwargs) as conn:
+                    await conn.execute(self._listen)
+                    self.connected = True
+                    self._on_gap()  # changes made before LISTEN took effect were not heard
+                    while not self._stopped:
+                        async for note in conn.notifies(timeout=0.5):
+                            self._deliver(note.payload)
+            except psycopg.Error:
+                pass
+            finally:
+                if self.connected:
+                    self.connected = False
+                    self._on_gap()
+            if not self._stopped:
+                await asyncio.sleep(self._retry)  # sync: time.sleep(self._retry)
+
+    def _deliver(self, payload: str) -> None:
+        try:
+            change = json.loads(payload)
+            if change.get("origin") == self._origin:
+                return  # our own write: our cache is already right
+            self._on_change(str(change["namespace"]), change.get("user_id"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._on_gap()  # not a message we understand: forget everything, to be safe
+
+    def stop(self) -> None:
+        """Stop after the current wait (at most half a second)."""
+        self._stopped = True

@@ -75,16 +75,19 @@ def connection_kwargs(connect_timeout: float, prepare_threshold: int | None) -> 
     }
 
 
-def server_options(url: str) -> str:
+def server_options(url: str, origin: str | None = None) -> str:
     """libpq ``options`` for bssagent connections: the caller's own (from the DSN, else
-    ``PGOPTIONS``) plus ``jit=off`` unless they set ``jit`` themselves.
+    ``PGOPTIONS``) plus ``jit=off`` unless they set ``jit`` themselves, and the writer's
+    ``bssagent.origin`` (a hex id), which change notifications carry so that a process can
+    skip its own.
 
     Every bssagent statement is short. A planner estimate above ``jit_above_cost`` (easy with
     a recursive CTE on a big table) makes PostgreSQL spend ~15 ms compiling a query that runs
     in 0.4 ms: measured on the expiry probe, 10 ms instead of 0.5 ms.
     """
     given = str(conninfo_to_dict(url).get("options") or os.environ.get("PGOPTIONS", ""))
-    return given if "jit" in given else f"{given} -c jit=off".strip()
+    options = given if "jit" in given else f"{given} -c jit=off".strip()
+    return options if origin is None else f"{options} -c bssagent.origin={origin}"
 
 
 def network_options(url: str) -> dict[str, Any]:

@@ -495,6 +495,10 @@ class SqliteStore:
 
     def adopt(self, session: UserSession) -> UserSession:
         with self._cursor(write=True) as cur:
+            if cur.execute(
+                f"SELECT 1 FROM {self._tombstones} WHERE thread_id = ?", (session.thread_id,)
+            ).fetchone():
+                return session  # deleted meanwhile: a stale copy must not bring it back
             row = cur.execute(
                 f"SELECT {_COLUMNS} FROM {self._t} WHERE thread_id = ?", (session.thread_id,)
             ).fetchone()
