@@ -243,9 +243,7 @@ class AsyncAgentSessionManager:
             StorageError: The database cannot be reached or a migration fails.
         """
         pending = (await self.schema_status())["pending"]
-        async with self._setup_lock:  # sync: with self._setup_lock:
-            await self._store.setup()
-            self._ready = True
+        await self._setup()
         return pending
 
     # -- plumbing -------------------------------------------------------------------------
@@ -256,7 +254,8 @@ class AsyncAgentSessionManager:
         fallback: Callable[[MemoryStore], T],
     ) -> T:
         """Run ``primary`` on the configured store within the deadline, or ``fallback`` on
-        memory while it is unreachable (see :mod:`bssagent.sessions.breaker`)."""
+        memory while it is unreachable (the breaker and the modes: see the class
+        docstring)."""
         state = self._state
         if not state.should_try_primary():  # the breaker is open: no wait for a dead server
             if state.settings.fallback == "raise":

@@ -242,9 +242,7 @@ class AgentSessionManager:
             StorageError: The database cannot be reached or a migration fails.
         """
         pending = (self.schema_status())["pending"]
-        with self._setup_lock:
-            self._store.setup()
-            self._ready = True
+        self._setup()
         return pending
 
     # -- plumbing -------------------------------------------------------------------------
@@ -255,7 +253,8 @@ class AgentSessionManager:
         fallback: Callable[[MemoryStore], T],
     ) -> T:
         """Run ``primary`` on the configured store within the deadline, or ``fallback`` on
-        memory while it is unreachable (see :mod:`bssagent.sessions.breaker`)."""
+        memory while it is unreachable (the breaker and the modes: see the class
+        docstring)."""
         state = self._state
         if not state.should_try_primary():  # the breaker is open: no wait for a dead server
             if state.settings.fallback == "raise":
