@@ -47,6 +47,11 @@ RESULT_TIMEOUT = 90.0
 PG_CHECKPOINT_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
 SQLITE_CHECKPOINT_TABLES = ("checkpoints", "writes")
 
+# These tests load 2 cores with dozens of concurrent callers on purpose: a busy database is
+# not a dead one, and the 0.5 s default deadline would send some calls to the fallback
+# (tests/test_reliability.py covers deadlines; tests/test_load.py runs with the defaults).
+BUSY_DEADLINE = 10.0
+
 
 # -- workers (module level: spawn imports them by name) ---------------------------------------
 
@@ -82,7 +87,9 @@ def _record_worker(
         threads = sorted(user_of)
         errors: list[str] = []
         if index < 2:
-            manager = AgentSessionManager(database_url=url, table_name=table, cache_size=0)
+            manager = AgentSessionManager(
+                database_url=url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE
+            )
 
             def body(w: int) -> None:
                 for i in range(per):
@@ -104,7 +111,11 @@ def _record_worker(
 
         async def main() -> dict[str, Any]:
             manager = AsyncAgentSessionManager(
-                database_url=url, table_name=table, cache_size=0, pool_max_size=workers
+                database_url=url,
+                table_name=table,
+                cache_size=0,
+                deadline=BUSY_DEADLINE,
+                pool_max_size=workers,
             )
 
             async def body(w: int) -> None:
@@ -139,7 +150,9 @@ def _create_worker(
         from bssagent import AgentSessionManager
         from bssagent.errors import SessionLimitError
 
-        manager = AgentSessionManager(database_url=url, table_name=table, cache_size=0, **options)
+        manager = AgentSessionManager(
+            database_url=url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE, **options
+        )
         manager.get_session_events("warm-up", limit=1)
         start = threading.Barrier(len(calls))
         outcomes: list[str] = []
@@ -169,7 +182,11 @@ def _cleanup_worker(index: int, url: str, table: str, batch: int, barrier: Any) 
         from bssagent import AgentSessionManager
 
         manager = AgentSessionManager(
-            database_url=url, table_name=table, cache_size=0, cleanup_batch_size=batch
+            database_url=url,
+            table_name=table,
+            cache_size=0,
+            deadline=BUSY_DEADLINE,
+            cleanup_batch_size=batch,
         )
         manager.get_session_events("warm-up", limit=1)
         barrier.wait(BARRIER_TIMEOUT)
@@ -292,7 +309,9 @@ def test_counters_are_exact_after_concurrent_record_request_from_processes(
     pg_url: str, table: str, workers: Workers
 ) -> None:
     procs, threads_per_proc, per = 4, 8, 50
-    with AgentSessionManager(database_url=pg_url, table_name=table, cache_size=0) as m:
+    with AgentSessionManager(
+        database_url=pg_url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE
+    ) as m:
         sessions = [m.get_or_create_user_session(f"user-{i}") for i in range(3)]
         sessions.append(m.create_child_session("user-0", sessions[0].thread_id))
         user_of = {s.thread_id: s.user_id for s in sessions}
@@ -406,7 +425,9 @@ def test_concurrent_cleanups_expire_each_session_exactly_once(
     pg_url: str, table: str, workers: Workers
 ) -> None:
     n, batch = 3000, 50
-    with AgentSessionManager(database_url=pg_url, table_name=table, cache_size=0) as m:
+    with AgentSessionManager(
+        database_url=pg_url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE
+    ) as m:
         fresh = m.get_or_create_user_session("fresh")  # creates the schema; stays active
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(
@@ -450,7 +471,11 @@ def test_concurrent_get_or_create_on_a_timed_out_session(pg_url: str, table: str
     (the get-or-create contract), none an error."""
     users, callers = [f"u{i}" for i in range(4)], 8
     with AgentSessionManager(
-        database_url=pg_url, table_name=table, cache_size=0, session_timeout=0.2
+        database_url=pg_url,
+        table_name=table,
+        cache_size=0,
+        deadline=BUSY_DEADLINE,
+        session_timeout=0.2,
     ) as m:
         old = {u: m.get_or_create_user_session(u).thread_id for u in users}
         time.sleep(0.3)
@@ -545,7 +570,7 @@ async def test_delete_user_data_leaves_no_row_and_refuses_late_writes(
     url, table = erasure_db
     db = CheckpointTables(url)
     cls = AgentSessionManager if flavour == "sync" else AsyncAgentSessionManager
-    manager: Any = cls(database_url=url, table_name=table, cache_size=0)
+    manager: Any = cls(database_url=url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE)
     agent = ChatAgent(OfflineChatModel(), session_manager=manager)
 
     async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -619,7 +644,9 @@ def test_a_run_in_flight_during_delete_user_data_does_not_recreate_the_thread(
 ) -> None:
     url, table = erasure_db
     db = CheckpointTables(url)
-    with AgentSessionManager(database_url=url, table_name=table, cache_size=0) as manager:
+    with AgentSessionManager(
+        database_url=url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE
+    ) as manager:
         agent = SlowAgent(0.5, session_manager=manager)
         try:
             thread = manager.get_or_create_user_session("alice").thread_id

@@ -283,7 +283,10 @@ async def test_users_cannot_reach_each_others_memory(mgr: Manager, rows: StoreRo
     assert [i.value for i in b_items] == [{"owner": "b"}, {"owner": "b"}]
     if rows is not None:
         # Seven users, seven distinct roots in the table.
-        roots = {".".join(p.split(".")[:4]) for p in rows.prefixes("bssagent.%.users.%")}
+        roots = {
+            ".".join(p.split(".")[:4])
+            for p in rows.prefixes(f"bssagent.{label(mgr.namespace)}.users.%")
+        }
         assert len(roots) == len(TRICKY_USERS)
 
 

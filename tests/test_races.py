@@ -31,6 +31,11 @@ pytestmark = pytest.mark.slow
 BARRIER_TIMEOUT = 60.0
 RESULT_TIMEOUT = 90.0
 
+# These tests load 2 cores with dozens of concurrent callers on purpose: a busy database is
+# not a dead one, and the 0.5 s default deadline would send some calls to the fallback
+# (tests/test_reliability.py covers deadlines; tests/test_load.py runs with the defaults).
+BUSY_DEADLINE = 10.0
+
 
 # -- helpers running in the spawned workers (module level: spawn imports them by name) -----
 
@@ -71,7 +76,9 @@ def _get_or_create_worker(
     def work() -> dict[str, Any]:
         from bssagent import AgentSessionManager
 
-        manager = AgentSessionManager(database_url=url, table_name=table, cache_size=0)
+        manager = AgentSessionManager(
+            database_url=url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE
+        )
         results: list[tuple[str, str]] = []
         errors: list[str] = []
         lock = threading.Lock()
@@ -102,7 +109,7 @@ def _setup_worker(index: int, url: str, barrier: Any) -> dict[str, Any]:
     def work() -> dict[str, Any]:
         from bssagent import AgentSessionManager
 
-        manager = AgentSessionManager(database_url=url, cache_size=0)
+        manager = AgentSessionManager(database_url=url, cache_size=0, deadline=BUSY_DEADLINE)
         barrier.wait(BARRIER_TIMEOUT)
         errors: list[str] = []
         shared = own = ""
@@ -122,7 +129,7 @@ def _open_worker(index: int, url: str, barrier: Any) -> dict[str, Any]:
     def work() -> dict[str, Any]:
         from bssagent import AgentSessionManager
 
-        manager = AgentSessionManager(database_url=url, cache_size=0)
+        manager = AgentSessionManager(database_url=url, cache_size=0, deadline=BUSY_DEADLINE)
         barrier.wait(BARRIER_TIMEOUT)
         thread_id = manager.get_or_create_user_session("shared").thread_id
         health = manager.health()
@@ -144,7 +151,9 @@ def _create_worker(
     def work() -> dict[str, Any]:
         from bssagent import AgentSessionManager
 
-        manager = AgentSessionManager(database_url=url, table_name=table, cache_size=0)
+        manager = AgentSessionManager(
+            database_url=url, table_name=table, cache_size=0, deadline=BUSY_DEADLINE
+        )
         created: list[tuple[str, bool]] = []
         errors: list[str] = []
         lock = threading.Lock()

@@ -764,6 +764,8 @@ class AsyncAgentSessionManager:
         Raises:
             InvalidInputError: No ``max_idle_seconds`` and no ``session_timeout``.
         """
+        if on_batch is not None and not callable(on_batch):
+            raise InvalidInputError("on_batch", "must be callable")
         cutoff = self._idle_cutoff(max_idle_seconds)
         batch, ns, total = self.settings.cleanup_batch_size, self.namespace, 0
         while True:
