@@ -24,7 +24,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
@@ -84,8 +84,7 @@ class Persistence:
         self.index = index
         self.target: StorageTarget = resolve_target(settings)
         self._lock = threading.RLock()
-        self._sync: Saver | None = None
-        self._sync_store: BaseStore | None = None
+        self._opened: dict[str, Any] = {}  # "saver" / "store", sync ones
         self._resources: list[Any] = []  # a PostgreSQL pool, or SQLite connections
         self._pool: Any = None
         self._memory: InMemorySaver | None = None
@@ -159,7 +158,7 @@ class Persistence:
         down (retried every ``reconnect_interval``)."""
         if self._given is not None:
             return self._given
-        found = self._open_sync("_sync", self._memory_saver, self._new_saver)
+        found = self._open_sync("saver")
         assert isinstance(found, BaseCheckpointSaver)
         return found
 
@@ -170,29 +169,32 @@ class Persistence:
         :func:`~bssagent.store_scope.needs_offload`)."""
         if self._given_store is not None:
             return self._given_store
-        found = self._open_sync("_sync_store", self.memory_store, self._new_store)
+        found = self._open_sync("store")
         assert isinstance(found, BaseStore)
         return found
 
-    def _open_sync(
-        self, attr: str, memory: Callable[[], Any], opener: Callable[[], Any]
-    ) -> Saver | BaseStore:
+    def _open_sync(self, kind: Literal["saver", "store"]) -> Any:
+        """The sync saver or store: opened once; memory on memory://, or while the database
+        is down (not kept: the database is tried again after ``reconnect_interval``)."""
+        memory = self._memory_saver if kind == "saver" else self.memory_store
         with self._lock:
-            opened = getattr(self, attr)
+            opened = self._opened.get(kind)
             if opened is not None:
-                return opened  # type: ignore[no-any-return]
+                return opened
             if self.target.backend == "memory":
-                setattr(self, attr, memory())
-                return getattr(self, attr)  # type: ignore[no-any-return]
+                opened = self._opened[kind] = memory()
+                return opened
             if self._down():
-                return memory()  # type: ignore[no-any-return]
+                return memory()
             try:
-                setattr(self, attr, opener())
+                opened = self._opened[kind] = (
+                    self._new_saver() if kind == "saver" else self._new_store()
+                )
             except StorageUnavailableError as exc:
                 self._fallback(exc)
-                return memory()  # type: ignore[no-any-return]
+                return memory()
         self._recovered()
-        return getattr(self, attr)  # type: ignore[no-any-return]
+        return opened
 
     def _sqlite(self, **kwargs: Any) -> sqlite3.Connection:
         path = self._sqlite_path()
@@ -443,7 +445,8 @@ class Persistence:
         """Close the sync saver's and store's connections. Idempotent."""
         with self._lock:
             resources, self._resources = self._resources, []
-            self._sync = self._sync_store = self._pool = None
+            self._opened.clear()
+            self._pool = None
         for resource in resources:
             resource.close()
 

@@ -273,6 +273,12 @@ fi
 
 wait_ready || die "no PostgreSQL server became ready on $HOST:$PORT within ${READY_TIMEOUT}s"
 
+# The server-fault tests (tests/test_server_faults.py) start, freeze and kill a throw-away
+# cluster of their own: they need the server binaries even when the server above is remote.
+if [[ -z "$(newest_pg_bindir)" ]]; then
+    install_server
+fi
+
 if ! PSQL="$(find_pg_tool psql)"; then
     log "psql not found; installing postgresql-client"
     command -v apt-get >/dev/null 2>&1 || die "psql is not installed and apt-get is not available"
