@@ -125,6 +125,36 @@ class Persistence:
                 )  # fmt: skip
                 observe.degraded("checkpoints", True)
 
+    def outage(self, exc: StorageUnavailableError) -> None:
+        """The database went away after the savers were opened (a run failed on it, or the
+        session registry found it down): runs use memory for ``reconnect_interval``.
+
+        Raises:
+            StorageUnavailableError: ``exc``, unless ``fallback="memory"``.
+        """
+        self._fallback(exc)
+
+    def reachable(self) -> bool:
+        """Whether the PostgreSQL server accepts a connection now (one direct attempt,
+        bounded by ``connect_timeout``): tells a full pool from a dead server."""
+        import psycopg
+
+        from .sessions.storage.postgres_common import connection_kwargs
+
+        s = self.settings
+        try:
+            psycopg.connect(
+                self.target.url or "", **connection_kwargs(s.connect_timeout, None)
+            ).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def run_succeeded(self) -> None:
+        """A run finished: past the outage window it ran on the database, which is back."""
+        if self._degraded_reason is not None and not self._down():
+            self._recovered()
+
     def _recovered(self) -> None:
         with self._lock:
             if self._degraded_reason is not None:
@@ -178,14 +208,14 @@ class Persistence:
         is down (not kept: the database is tried again after ``reconnect_interval``)."""
         memory = self._memory_saver if kind == "saver" else self.memory_store
         with self._lock:
+            if self.target.backend != "memory" and self._down():
+                return memory()  # even when opened: the database went away since
             opened = self._opened.get(kind)
             if opened is not None:
                 return opened
             if self.target.backend == "memory":
                 opened = self._opened[kind] = memory()
                 return opened
-            if self._down():
-                return memory()
             try:
                 opened = self._opened[kind] = (
                     self._new_saver() if kind == "saver" else self._new_store()

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager, suppress
 from types import TracebackType
 from typing import Any, cast
 
@@ -27,6 +27,7 @@ from ..errors import (
     InvalidInputError,
     InvalidTransitionError,
     SessionNotFoundError,
+    StorageUnavailableError,
 )
 from ..persistence import Persistence, Saver
 from ..sessions import validation
@@ -469,6 +470,57 @@ class BaseAgent(abc.ABC):
             if user_id is not None:
                 await self._arecord(user_id, thread, started, error=False)
 
+    def _storage_lost(self, exc: Exception) -> StorageUnavailableError | None:
+        """The typed error for a run that failed because the database went away (a
+        connection-class driver error anywhere in its chain), else None. Later runs then
+        use the memory saver until ``reconnect_interval`` passes (``fallback="memory"``)."""
+        if self._persistence.target.backend != "postgres":
+            return None
+        from psycopg_pool import PoolTimeout
+
+        from ..sessions.storage.postgres_common import is_unavailable
+
+        def gone(error: BaseException) -> bool:
+            if isinstance(error, PoolTimeout):  # a full pool, or a dead server?
+                return not self._persistence.reachable()
+            return is_unavailable(error)
+
+        cause: BaseException | None = exc
+        while cause is not None and not gone(cause):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            return None
+        kind = type(cause).__name__
+        lost = StorageUnavailableError(f"postgres unavailable during the run ({kind})")
+        lost.__cause__ = cause
+        for component in (self._persistence, self._locks):
+            with suppress(StorageUnavailableError):
+                component.outage(lost)
+        return lost
+
+    @contextmanager
+    def _typed(self) -> Iterator[None]:
+        """Runs raise bssagent's StorageUnavailableError, not a driver error, when the
+        database goes away mid-run."""
+        try:
+            yield
+        except Exception as exc:
+            lost = self._storage_lost(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+        self._persistence.run_succeeded()
+
+    def _route_around_outage(self) -> None:
+        """While the session registry serves from memory (its breaker found the database
+        down), runs do too: a saver opened before the outage would only fail."""
+        managers = (self._sm, self._asm)
+        if self._own_saver is None and any(m is not None and m.is_degraded for m in managers):
+            down = StorageUnavailableError("the session registry found the database down")
+            for component in (self._persistence, self._locks):
+                with suppress(StorageUnavailableError):
+                    component.outage(down)
+
     @contextmanager
     def _held(self, thread: str, strategy: RunStrategy) -> Iterator[None]:
         """The thread's run lock, its wait measured."""
@@ -511,11 +563,13 @@ class BaseAgent(abc.ABC):
         """
         strategy = self._strategy(run_strategy)
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
+        self._route_around_outage()
         graph = self._with_store(self._sync_runnable(), user_id, thread)
         with (
             self._recorded(user_id, thread, "invoke"),
             self._held(thread, strategy),
             self._guarded(thread),
+            self._typed(),
         ):
             return graph.invoke(input, cfg, **kwargs)
 
@@ -533,6 +587,7 @@ class BaseAgent(abc.ABC):
         iterator is exhausted or closed. Arguments are checked before iteration starts."""
         strategy = self._strategy(run_strategy)
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
+        self._route_around_outage()
         graph = self._with_store(self._sync_runnable(), user_id, thread)
 
         def run() -> Iterator[Any]:
@@ -540,6 +595,7 @@ class BaseAgent(abc.ABC):
                 self._recorded(user_id, thread, "stream"),
                 self._held(thread, strategy),
                 self._guarded(thread),
+                self._typed(),
             ):
                 yield from graph.stream(input, cfg, **kwargs)
 
@@ -558,6 +614,7 @@ class BaseAgent(abc.ABC):
         """Async :meth:`invoke`, on the async saver."""
         strategy = self._strategy(run_strategy)
         cfg, thread = await self._aresolve(config, user_id, thread_id, writing=True)
+        self._route_around_outage()
         # The saver first: it finds out whether the database is reachable, which decides
         # whether the run lock is PostgreSQL's or a local one.
         async with (
@@ -567,7 +624,8 @@ class BaseAgent(abc.ABC):
             self._aguarded(thread),
         ):
             graph = self._with_store(graph, user_id, thread)
-            return await graph.ainvoke(input, cfg, **kwargs)
+            with self._typed():
+                return await graph.ainvoke(input, cfg, **kwargs)
 
     async def astream(
         self,
@@ -582,6 +640,7 @@ class BaseAgent(abc.ABC):
         """Async :meth:`stream`."""
         strategy = self._strategy(run_strategy)
         cfg, thread = await self._aresolve(config, user_id, thread_id, writing=True)
+        self._route_around_outage()
         # The saver first: it finds out whether the database is reachable, which decides
         # whether the run lock is PostgreSQL's or a local one.
         async with (
@@ -595,9 +654,10 @@ class BaseAgent(abc.ABC):
             # checkpoint writes) before the saver's connection and the thread are released;
             # `async for` alone leaves the inner generator to the garbage collector.
             run = cast(AsyncGenerator[Any, None], graph.astream(input, cfg, **kwargs))
-            async with aclosing(run) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            with self._typed():
+                async with aclosing(run) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
 
     @asynccontextmanager
     async def _async_graph(self) -> AsyncIterator[Pregel[Any, Any, Any, Any]]:

@@ -152,6 +152,28 @@ class RunLocks:
             raise exc
         self._down_until = time.monotonic() + self._settings.reconnect_interval
 
+    def outage(self, exc: StorageUnavailableError) -> None:
+        """The database went away (seen elsewhere): local locks for ``reconnect_interval``.
+
+        Raises:
+            StorageUnavailableError: ``exc``, unless ``fallback="memory"``.
+        """
+        self._unavailable(exc)
+
+    def _probe(self) -> None:
+        """Raise the connection error if the server is gone (a pool timeout alone cannot
+        tell a full pool from a dead server)."""
+        import psycopg
+
+        psycopg.connect(self._target.url or "", **self._kwargs()).close()
+
+    async def _aprobe(self) -> None:
+        import psycopg
+
+        await (
+            await psycopg.AsyncConnection.connect(self._target.url or "", **self._kwargs())
+        ).close()
+
     def _pool_busy(self, thread_id: str) -> ThreadBusyError:
         return ThreadBusyError(
             f"no run-lock connection became free for thread {thread_id!r} "
@@ -175,6 +197,7 @@ class RunLocks:
                         try:
                             conn = stack.enter_context(self._sync_lock_pool().connection())
                         except PoolTimeout:
+                            self._probe()
                             raise self._pool_busy(thread_id) from None
                         pause = _FIRST_POLL
                         while not conn.execute(_TRY_LOCK, (thread_id,)).fetchone()["ok"]:
@@ -209,6 +232,7 @@ class RunLocks:
                         try:
                             conn = await stack.enter_async_context(pool.connection())
                         except PoolTimeout:
+                            await self._aprobe()
                             raise self._pool_busy(thread_id) from None
                         pause = _FIRST_POLL
                         while not (await (await conn.execute(_TRY_LOCK, (thread_id,))).fetchone())[
