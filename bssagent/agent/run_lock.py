@@ -160,19 +160,26 @@ class RunLocks:
         """
         self._unavailable(exc)
 
-    def _probe(self) -> None:
-        """Raise the connection error if the server is gone (a pool timeout alone cannot
-        tell a full pool from a dead server)."""
+    def _direct(self, stack: ExitStack, pool: Any, thread_id: str) -> Any:
+        """After a pool timeout, a connection of its own: a pool timeout alone cannot tell
+        a full pool (ThreadBusyError) from a dead server (the connection error) or a pool
+        still reconnecting after an outage (this connection serves the run)."""
         import psycopg
 
-        psycopg.connect(self._target.url or "", **self._kwargs()).close()
+        conn = psycopg.connect(self._target.url or "", **self._kwargs())
+        if pool.get_stats().get("pool_size", 0) >= self._pool_size:
+            conn.close()
+            raise self._pool_busy(thread_id)
+        return stack.enter_context(conn)
 
-    async def _aprobe(self) -> None:
+    async def _adirect(self, stack: AsyncExitStack, pool: Any, thread_id: str) -> Any:
         import psycopg
 
-        await (
-            await psycopg.AsyncConnection.connect(self._target.url or "", **self._kwargs())
-        ).close()
+        conn = await psycopg.AsyncConnection.connect(self._target.url or "", **self._kwargs())
+        if pool.get_stats().get("pool_size", 0) >= self._pool_size:
+            await conn.close()
+            raise self._pool_busy(thread_id)
+        return await stack.enter_async_context(conn)
 
     def _pool_busy(self, thread_id: str) -> ThreadBusyError:
         return ThreadBusyError(
@@ -194,11 +201,11 @@ class RunLocks:
 
                 try:
                     with wrap_errors():
+                        pool = self._sync_lock_pool()
                         try:
-                            conn = stack.enter_context(self._sync_lock_pool().connection())
+                            conn = stack.enter_context(pool.connection())
                         except PoolTimeout:
-                            self._probe()
-                            raise self._pool_busy(thread_id) from None
+                            conn = self._direct(stack, pool, thread_id)
                         pause = _FIRST_POLL
                         while not conn.execute(_TRY_LOCK, (thread_id,)).fetchone()["ok"]:
                             if strategy == "reject" or time.monotonic() >= deadline:
@@ -232,8 +239,7 @@ class RunLocks:
                         try:
                             conn = await stack.enter_async_context(pool.connection())
                         except PoolTimeout:
-                            await self._aprobe()
-                            raise self._pool_busy(thread_id) from None
+                            conn = await self._adirect(stack, pool, thread_id)
                         pause = _FIRST_POLL
                         while not (await (await conn.execute(_TRY_LOCK, (thread_id,))).fetchone())[
                             "ok"
