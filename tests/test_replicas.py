@@ -132,6 +132,7 @@ async def test_a_lost_feed_connection_flushes_the_cache_and_reconnects(
     )  # fmt: skip
     await a("get_or_create_user_session", "dave")
     await until(lambda: feed_connected(a), 5)
+    await a("get_or_create_user_session", "dave")  # cached again after the feed's first flush
     assert a.manager._state.cache.get("dave") is not None
     with psycopg.connect(pg_url, autocommit=True) as conn:
         killed = conn.execute(

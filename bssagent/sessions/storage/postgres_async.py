@@ -619,8 +619,8 @@ class AsyncChangeFeed:
             try:
                 async with await AsyncConnection.connect(self._url, **self._kwargs) as conn:
                     await conn.execute(self._listen)
-                    self.connected = True
                     self._on_gap()  # changes made before LISTEN took effect were not heard
+                    self.connected = True
                     while not self._stopped:
                         async for note in conn.notifies(timeout=0.5):
                             self._deliver(note.payload)

@@ -611,8 +611,8 @@ class ChangeFeed:
             try:
                 with Connection.connect(self._url, **self._kwargs) as conn:
                     conn.execute(self._listen)
-                    self.connected = True
                     self._on_gap()  # changes made before LISTEN took effect were not heard
+                    self.connected = True
                     while not self._stopped:
                         for note in conn.notifies(timeout=0.5):
                             self._deliver(note.payload)
