@@ -161,23 +161,21 @@ class RunLocks:
         self._unavailable(exc)
 
     def _direct(self, stack: ExitStack, pool: Any, thread_id: str) -> Any:
-        """After a pool timeout, a connection of its own: a pool timeout alone cannot tell
-        a full pool (ThreadBusyError) from a dead server (the connection error) or a pool
-        still reconnecting after an outage (this connection serves the run)."""
-        import psycopg
+        """After a pool timeout: a connection of its own for this run (see
+        ``connect_past_pool``), or ThreadBusyError when the pool is really full."""
+        from ..sessions.storage.postgres_sync import connect_past_pool
 
-        conn = psycopg.connect(self._target.url or "", **self._kwargs())
-        if pool.get_stats().get("pool_size", 0) >= self._pool_size:
-            conn.close()
+        conn = connect_past_pool(self._target.url or "", self._kwargs(), pool, self._pool_size)
+        if conn is None:
             raise self._pool_busy(thread_id)
         return stack.enter_context(conn)
 
     async def _adirect(self, stack: AsyncExitStack, pool: Any, thread_id: str) -> Any:
-        import psycopg
+        from ..sessions.storage.postgres_async import connect_past_pool
 
-        conn = await psycopg.AsyncConnection.connect(self._target.url or "", **self._kwargs())
-        if pool.get_stats().get("pool_size", 0) >= self._pool_size:
-            await conn.close()
+        url, kwargs = self._target.url or "", self._kwargs()
+        conn = await connect_past_pool(url, kwargs, pool, self._pool_size)
+        if conn is None:
             raise self._pool_busy(thread_id)
         return await stack.enter_async_context(conn)
 

@@ -22,8 +22,12 @@ from ..errors import StorageUnavailableError
 T = TypeVar("T")
 
 
-def expired(seconds: float) -> StorageUnavailableError:
-    return StorageUnavailableError(f"database deadline of {seconds:g} s exceeded")
+class DeadlineExceeded(StorageUnavailableError):
+    """A database call outlived its deadline (to callers: a StorageUnavailableError)."""
+
+
+def expired(seconds: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"database deadline of {seconds:g} s exceeded")
 
 
 async def within(call: Awaitable[T], seconds: float) -> T:

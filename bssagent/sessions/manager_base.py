@@ -159,9 +159,7 @@ class ManagerState:
         self._failures += 1
         if self._failures >= self.settings.breaker_threshold:
             self._next_retry = time.monotonic() + self.settings.reconnect_interval
-        self._reason = type(exc.__cause__ or exc).__name__
-        if "deadline" in str(exc):
-            self._reason = "DeadlineExceeded"
+        self._reason = type(exc.__cause__ or exc).__name__  # or DeadlineExceeded
 
     def record_failure(self, exc: BaseException) -> bool:
         """A connection-class failure or deadline expiry with ``fallback="raise"``; True if

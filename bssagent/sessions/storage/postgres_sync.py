@@ -109,6 +109,22 @@ def open_pool(
     return pool
 
 
+def connect_past_pool(
+    url: str, kwargs: dict[str, Any], pool: ConnectionPool[Any], max_size: int
+) -> Connection[DictRow] | None:
+    """After a pool timeout: a connection of its own, or ``None`` if the pool is full.
+
+    A pool timeout alone cannot tell a full pool from a dead server or from a pool still
+    reconnecting after an outage. The direct attempt raises the connection error if the
+    server is gone, and serves the caller while the pool catches up.
+    """
+    direct = Connection.connect(url, **kwargs)
+    if pool.get_stats().get("pool_size", 0) >= max_size:
+        direct.close()
+        return None
+    return direct
+
+
 class PostgresStore:
     """Sessions in PostgreSQL. Satisfies :class:`~.base.SessionStore`.
 
@@ -180,18 +196,13 @@ class PostgresStore:
             try:
                 with pool.connection() as conn:
                     yield conn
-            except PoolTimeout:
-                # Only getting a connection raises it: the pool is full, or still reconnecting
-                # after an outage. A direct connection tells which (and raises the
-                # connection-class error if the server is gone).
-                direct = Connection.connect(self._url, **self._kwargs)
-                if pool.get_stats().get("pool_size", 0) >= self._max_size:
-                    direct.close()
+            except PoolTimeout:  # only getting a connection raises it
+                direct = connect_past_pool(self._url, self._kwargs, pool, self._max_size)
+                if direct is None:
                     raise StorageError(
                         f"all {self._max_size} pool connections stayed busy for "
                         f"{self._pool_timeout:g} s"
                     ) from None
-                # The server is back and the pool is catching up: serve this call directly.
                 with direct:
                     yield direct
 
