@@ -74,6 +74,18 @@ class Settings(BaseSettings):
         ge=1,
         description="Connection failures or deadline expiries in a row that open the breaker.",
     )
+    journal_limit: int = Field(
+        default=10_000,
+        ge=1,
+        description="While the database is down (fallback 'memory'): most new sessions, "
+        "conversation threads and store writes kept for replay; beyond it they are refused.",
+    )
+    checkpoint_cache_size: int = Field(
+        default=1000,
+        ge=0,
+        description="Threads whose latest checkpoint is kept in memory to carry their "
+        "conversation through an outage (0: outage runs start without history).",
+    )
     connect_timeout: float = Field(default=2.0, gt=0, description="Seconds to open a connection.")
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=10, ge=1)

@@ -16,6 +16,7 @@ subclass with the original chained as ``__cause__``.
     ├── ThreadBusyError               a run already holds the thread (``reject`` strategy)
     └── StorageError                  the storage backend failed; ``__cause__`` is the driver error
         ├── StorageUnavailableError   connection-class failure: server down, unreachable, timed out
+        │   └── JournalFullError      the outage journal is full (``journal_limit``): write refused
         └── MigrationError            the schema could not be brought up to date
 
 Only :class:`StorageUnavailableError` moves a manager into its memory-only fallback. Bad
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "InvalidInputError",
     "InvalidTransitionError",
+    "JournalFullError",
     "MigrationError",
     "SessionLimitError",
     "SessionNotFoundError",
@@ -91,6 +93,13 @@ class StorageError(BssAgentError):
 
 class StorageUnavailableError(StorageError):
     """The backend cannot be reached: refused, reset, timed out, shutting down."""
+
+
+class JournalFullError(StorageUnavailableError):
+    """The database is down and what was written meanwhile, kept for replay, reached
+    ``journal_limit``: this write (a new session, a new conversation, a store write) is
+    refused rather than accepted and lost. Writes already accepted are replayed when the
+    database returns."""
 
 
 class MigrationError(StorageError):

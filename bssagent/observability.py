@@ -21,6 +21,9 @@ name                                        type       labels
 ``bssagent_degraded_transitions_total``     counter    component, to (degraded / ok)
 ``bssagent_maintenance_total``              counter    namespace, task (expired / retained
                                                        / swept)
+``bssagent_journal_total``                  counter    component (sessions / checkpoints /
+                                                       store), outcome (replayed / merged /
+                                                       refused)
 ==========================================  =========  ==============================
 
 The cache hit ratio is ``rate(bssagent_get_or_create_seconds_count{cache="hit"}[5m])`` over
@@ -97,6 +100,12 @@ class _Metrics:
             "bssagent_degraded_transitions",
             "Entries into and exits from degraded mode.",
             ("component", "to"),
+        )
+        self.journal = counter(
+            "bssagent_journal",
+            "Outage journal: writes made in memory replayed to the database, merged into a "
+            "new thread, or refused because the journal was full.",
+            ("component", "outcome"),
         )
         self.maintenance = counter(
             "bssagent_maintenance",
@@ -244,3 +253,8 @@ def degraded(component: str, on: bool) -> None:
 def maintained(namespace: str, task: str, count: int) -> None:
     if _metrics is not None and count:
         _metrics.maintenance.labels(namespace, task).inc(count)
+
+
+def journal(component: str, outcome: str, count: int = 1) -> None:
+    if _metrics is not None and count:
+        _metrics.journal.labels(component, outcome).inc(count)

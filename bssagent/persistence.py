@@ -21,19 +21,30 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.store.base import BaseStore, IndexConfig
 from langgraph.store.memory import InMemoryStore
 
 from . import observability as observe
 from .config import Settings, StorageTarget, redact_url, resolve_target
-from .errors import ConfigurationError, StorageError, StorageUnavailableError
+from .errors import ConfigurationError, JournalFullError, StorageError, StorageUnavailableError
+from .journal import (
+    Journal,
+    JournalingStore,
+    LatestCheckpoints,
+    RecordingSaver,
+    Step,
+    continues,
+    memory_chain,
+    replay_steps,
+    seed,
+)
 
 logger = logging.getLogger("bssagent.agent")
 
@@ -58,6 +69,7 @@ class _LoopEntry:
         self.pool = pool
         self.saver: Saver | None = None
         self.store: BaseStore | None = None
+        self.stale = False  # the database went away since: reopen before the next use
 
 
 class Persistence:
@@ -97,6 +109,10 @@ class Persistence:
         self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        # Carrying conversations through an outage (PostgreSQL): see bssagent.journal.
+        self.latest = LatestCheckpoints(settings.checkpoint_cache_size)
+        self.journal = Journal(settings.journal_limit)
+        self._fallback_store: JournalingStore | None = None
 
     @property
     def is_degraded(self) -> bool:
@@ -112,6 +128,7 @@ class Persistence:
             raise exc
         with self._lock:
             self._down_until = time.monotonic() + self.settings.reconnect_interval
+            self._drop_pools()
             if self._degraded_reason is None:
                 self._degraded_reason = type(exc.__cause__ or exc).__name__
                 location = redact_url(self.target.url)
@@ -124,6 +141,19 @@ class Persistence:
                                              reason=self._degraded_reason, location=location),
                 )  # fmt: skip
                 observe.degraded("checkpoints", True)
+
+    def _drop_pools(self) -> None:
+        """Forget the PostgreSQL pools (with their savers and stores): after an outage, a
+        fresh pool connects at once or fails at once (``open_pool`` probes first), where an
+        old one would still be backing off between reconnection attempts and time runs out.
+        Closing waits for the pool's workers, so it happens off the caller's thread."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            self._opened.clear()
+            self._resources.remove(pool)
+            threading.Thread(target=pool.close, name="bssagent-pool-close", daemon=True).start()
+        for entry in self._async.values():
+            entry.stale = True
 
     def outage(self, exc: StorageUnavailableError) -> None:
         """The database went away after the savers were opened (a run failed on it, or the
@@ -178,6 +208,13 @@ class Persistence:
                 self._memory_store = InMemoryStore(index=self.index)
             return self._memory_store
 
+    def _outage_store(self) -> BaseStore:
+        """The store while PostgreSQL is down: memory, every write journaled for replay."""
+        with self._lock:
+            if self._fallback_store is None:
+                self._fallback_store = JournalingStore(self.memory_store(), self.journal)
+            return self._fallback_store
+
     def _down(self) -> bool:
         return time.monotonic() < self._down_until
 
@@ -206,24 +243,26 @@ class Persistence:
     def _open_sync(self, kind: Literal["saver", "store"]) -> Any:
         """The sync saver or store: opened once; memory on memory://, or while the database
         is down (not kept: the database is tried again after ``reconnect_interval``)."""
-        memory = self._memory_saver if kind == "saver" else self.memory_store
         with self._lock:
-            if self.target.backend != "memory" and self._down():
-                return memory()  # even when opened: the database went away since
-            opened = self._opened.get(kind)
-            if opened is not None:
-                return opened
             if self.target.backend == "memory":
-                opened = self._opened[kind] = memory()
-                return opened
-            try:
-                opened = self._opened[kind] = (
-                    self._new_saver() if kind == "saver" else self._new_store()
-                )
-            except StorageUnavailableError as exc:
-                self._fallback(exc)
-                return memory()
-        self._recovered()
+                return self._memory_saver() if kind == "saver" else self.memory_store()
+            outage = self._memory_saver if kind == "saver" else self._outage_store
+            if self._down():
+                return outage()  # even when opened: the database went away since
+            opened = self._opened.get(kind)
+            fresh = opened is None
+            if opened is None:
+                try:
+                    opened = self._opened[kind] = (
+                        self._new_saver() if kind == "saver" else self._new_store()
+                    )
+                except StorageUnavailableError as exc:
+                    self._fallback(exc)
+                    return outage()
+        if fresh:
+            self._recovered()
+        if isinstance(opened, BaseStore) and self.journal.has_ops:
+            self._replay_ops(opened)
         return opened
 
     def _sqlite(self, **kwargs: Any) -> sqlite3.Connection:
@@ -250,7 +289,7 @@ class Persistence:
 
         saver = PostgresSaver(self._sync_pool())
         self._setup_sync(saver.setup)
-        return saver
+        return RecordingSaver(saver, self.latest)
 
     def _new_store(self) -> BaseStore:
         if self.target.backend == "sqlite":
@@ -339,22 +378,32 @@ class Persistence:
         """The store for async calls on the running event loop (see :meth:`store`)."""
         if self._given_store is not None:
             return self._given_store
-        if self.target.backend == "memory" or self._down():
+        if self.target.backend == "memory":
             return self.memory_store()
+        if self._down():
+            return self._outage_store()
         if self.target.backend == "sqlite":
             return await asyncio.to_thread(self.store)
         found = await self._async_postgres("store")
-        return found if found is not None else self.memory_store()  # type: ignore[return-value]
+        if found is None:
+            return self._outage_store()
+        if self.journal.has_ops:
+            await self._areplay_ops(found)  # type: ignore[arg-type]
+        return found  # type: ignore[return-value]
 
     async def _async_postgres(self, kind: str) -> Saver | BaseStore | None:
         """This loop's saver or store, opened once per loop; None when the database is down."""
         loop = asyncio.get_running_loop()
         entry = self._async.get(loop)
-        if entry is not None and getattr(entry, kind) is not None:
+        if entry is not None and not entry.stale and getattr(entry, kind) is not None:
             return getattr(entry, kind)  # type: ignore[no-any-return]
         # One opener per event loop: concurrent first runs would each open a pool.
         async with self._loop_locks.setdefault(loop, asyncio.Lock()):
             entry = self._async.get(loop)
+            if entry is not None and entry.stale:
+                del self._async[loop]
+                await entry.pool.close()
+                entry = None
             try:
                 if entry is None:
                     entry = self._async[loop] = _LoopEntry(await self._open_async_pool())
@@ -389,10 +438,9 @@ class Persistence:
         from .sessions.storage.postgres_async import migration_lock
         from .sessions.storage.postgres_common import wrap_errors
 
+        inner: Saver | None = AsyncPostgresSaver(pool) if kind == "saver" else None
         made: Saver | BaseStore = (
-            AsyncPostgresSaver(pool)
-            if kind == "saver"
-            else AsyncPostgresStore(pool, index=self.index)  # type: ignore[arg-type]
+            inner if inner is not None else AsyncPostgresStore(pool, index=self.index)  # type: ignore[arg-type]
         )
         with wrap_errors():
             if kind == "store" and self.index:
@@ -403,7 +451,7 @@ class Persistence:
                 migration_lock(conn, self.settings.migration_lock_timeout),
             ):
                 await made.setup()  # type: ignore[union-attr]
-        return made
+        return made if inner is None else RecordingSaver(inner, self.latest)
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -421,6 +469,145 @@ class Persistence:
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite error ({type(exc).__name__})") from exc
 
+    # -- conversations through an outage (PostgreSQL; see bssagent.journal) ----------------
+
+    def is_outage_saver(self, saver: Saver) -> bool:
+        """Whether ``saver`` is the memory saver standing in for an unreachable PostgreSQL."""
+        return self.target.backend == "postgres" and saver is self._memory
+
+    def use_memory(self, thread: str, *, writing: bool, seedable: bool = True) -> None:
+        """A call on ``thread`` is about to use the memory saver of an outage: put the
+        thread's latest checkpoint in it first (when known and ``seedable``), and journal
+        the thread for replay. Call it under the thread's run lock.
+
+        Raises:
+            JournalFullError: ``writing``, and ``journal_limit`` threads are journaled
+                already (a read just goes without the history).
+        """
+        memory = self._memory_saver()
+        with self._lock:
+            if self.journal.base(thread)[0]:
+                return
+            latest = self.latest.lookup(thread)[1] if seedable else None
+            if latest is None and not writing:
+                return  # nothing to show, nothing to write back
+            base = None if latest is None else latest.checkpoint["id"]
+            try:
+                self.journal.add_thread(thread, base)
+            except JournalFullError:
+                observe.journal("checkpoints", "refused")
+                if writing:
+                    raise
+                return
+            if latest is not None:
+                seed(memory, latest)
+
+    def _chain(self, thread: str, head: CheckpointTuple | None) -> tuple[bool, list[Any], Any]:
+        """Whether the thread's memory run continues the database's ``head``; the run's
+        checkpoints (none when it only holds its seed, unchanged); the seed's id."""
+        base = self.journal.base(thread)[1]
+        chain = memory_chain(self._memory_saver(), thread)
+        same = continues(None if head is None else head.checkpoint["id"], base, chain)
+        ran = any(t.checkpoint["id"] != base for t in chain)
+        return same, chain if ran else [], base
+
+    def _replayed(self, thread: str, steps: list[Step], target: str | None) -> None:
+        self.forget(thread)
+        if not steps:
+            return
+        outcome = "replayed" if target is None else "merged"
+        observe.journal("checkpoints", outcome)
+        logger.log(
+            logging.INFO if target is None else logging.WARNING,
+            "bssagent: a conversation run during the outage was written back (%d checkpoint(s)"
+            "%s)", len(steps),
+            "" if target is None else "; the thread moved on meanwhile, so they went to a new "
+            "thread",
+            extra=observe.log_fields(outcome, component="checkpoints", checkpoints=len(steps),
+                                     **({} if target is None else {"merged_into": target})),
+        )  # fmt: skip
+
+    def replay_thread(self, saver: Saver, thread: str, new_thread: Callable[[], str]) -> bool:
+        """Write back what ran on ``thread`` in memory during an outage, with the database's
+        ``saver``; call it under the thread's run lock. If the thread moved on in the
+        database meanwhile (or its history was unknown when the outage began), the run is
+        copied to ``new_thread()`` instead, so neither history overwrites the other.
+
+        Returns:
+            Whether the thread was journaled (and is now written back).
+        """
+        if not self.journal.base(thread)[0] or self.is_outage_saver(saver):
+            return False
+        head = saver.get_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
+        same, chain, base = self._chain(thread, head)
+        if not same and not chain:
+            self.forget(thread)  # nothing ran: no copy to keep
+            return True
+        target = None if same else self.journal.target(thread, new_thread)
+        steps = replay_steps(chain, thread, base, target)
+        for step in steps:
+            saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
+            for task_id, writes in step.writes:
+                saver.put_writes(step.config, writes, task_id)
+        self._replayed(thread, steps, target)
+        return True
+
+    async def areplay_thread(
+        self, saver: Saver, thread: str, new_thread: Callable[[], Awaitable[str]]
+    ) -> bool:
+        """Async :meth:`replay_thread`."""
+        if not self.journal.base(thread)[0] or self.is_outage_saver(saver):
+            return False
+        head = await saver.aget_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
+        same, chain, base = self._chain(thread, head)
+        if not same and not chain:
+            self.forget(thread)
+            return True
+        target = None if same else await self.journal.atarget(thread, new_thread)
+        steps = replay_steps(chain, thread, base, target)
+        for step in steps:
+            await saver.aput(step.parent, step.checkpoint, step.metadata, step.versions)
+            for task_id, writes in step.writes:
+                await saver.aput_writes(step.config, writes, task_id)
+        self._replayed(thread, steps, target)
+        return True
+
+    def forget(self, thread: str) -> None:
+        """Drop what an outage kept of ``thread`` in memory (written back, or deleted)."""
+        with self._lock:
+            if self._memory is not None:
+                self._memory.delete_thread(thread)
+            self.journal.done(thread)
+
+    def _replay_ops(self, store: BaseStore) -> None:
+        """Write the store writes journaled during an outage to the database's store."""
+        ops = self.journal.take_ops()
+        try:
+            with self.errors():
+                store.batch(ops)
+        except BaseException:
+            self.journal.restore_ops(ops)
+            raise
+        self._ops_replayed(ops)
+
+    async def _areplay_ops(self, store: BaseStore) -> None:
+        ops = self.journal.take_ops()
+        try:
+            with self.errors():
+                await store.abatch(ops)
+        except BaseException:
+            self.journal.restore_ops(ops)
+            raise
+        self._ops_replayed(ops)
+
+    def _ops_replayed(self, ops: list[Any]) -> None:
+        if ops:
+            observe.journal("store", "replayed", len(ops))
+            logger.info(
+                "bssagent: %d store write(s) made during the outage written back", len(ops),
+                extra=observe.log_fields("replayed", component="store", writes=len(ops)),
+            )  # fmt: skip
+
     # -- whole threads (deletion, retention, export) ---------------------------------------
 
     def delete_threads(self, thread_ids: list[str]) -> None:
@@ -428,12 +615,14 @@ class Persistence:
         saver = self.sync()
         for thread_id in thread_ids:
             saver.delete_thread(thread_id)
+            self.forget(thread_id)
 
     async def adelete_threads(self, thread_ids: list[str]) -> None:
         """Async :meth:`delete_threads`."""
         async with self.async_saver() as saver:
             for thread_id in thread_ids:
                 await saver.adelete_thread(thread_id)
+                self.forget(thread_id)
 
     def prune(self, thread_ids: list[str], strategy: str) -> bool:
         """LangGraph's ``prune``; False (nothing done) where the saver has none."""

@@ -226,52 +226,6 @@ async def turn(d: Driver, agent: BaseAgent, text: str) -> str:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_runs_during_an_outage_fail_typed_then_move_to_memory_and_back(
-    kind: str, drivers: list[Driver], proxy: TcpProxy, pg_url: str, table_name: str
-) -> None:
-    m = manager(drivers, kind, proxy, pg_url, table_name, cache_size=100,
-                reconnect_interval=0.5, breaker_threshold=1)  # fmt: skip
-    agent = Counter(session_manager=m.manager)
-    try:
-        assert await turn(m, agent, "one") == "1 messages"
-        proxy.refuse()
-        # The first run either finds out itself (the saver it opened before the outage
-        # fails: a typed error, never a driver's) or is routed to memory at once (the
-        # registry found the database down first, e.g. its change feed lost the connection).
-        try:
-            second: str | None = await turn(m, agent, "two")
-        except StorageUnavailableError:
-            second = None
-        assert second in (None, "1 messages")
-        # The next ones run on the memory saver: without the history from before the outage
-        # (not carried over yet), with what was said during it.
-        expected = "1 messages" if second is None else "3 messages"
-        assert await turn(m, agent, "three") == expected
-        assert agent.is_degraded
-        proxy.pass_()
-        started = time.monotonic()
-        while agent.is_degraded:
-            assert time.monotonic() - started < 10, "runs did not return to the database"
-            await asyncio.sleep(0.6)
-            await turn(m, agent, "probe")
-        # Back on PostgreSQL: the thread continues from its stored history.
-        stored = [msg.text for msg in (await _state(m, agent)).values["messages"]]
-        assert stored[:2] == ["one", "1 messages"]
-        assert "three" not in stored
-    finally:
-        if kind == "async":
-            await agent.aclose()
-        else:
-            agent.close()
-
-
-async def _state(d: Driver, agent: BaseAgent) -> Any:
-    if isinstance(d.manager, AsyncAgentSessionManager):
-        return await agent.aget_state(user_id="alice")
-    return agent.get_state(user_id="alice")
-
-
-@pytest.mark.parametrize("kind", KINDS)
 async def test_runs_with_fallback_raise_fail_typed_during_an_outage(
     kind: str, drivers: list[Driver], proxy: TcpProxy, pg_url: str, table_name: str
 ) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager, suppress
 from types import TracebackType
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import StateGraph
 from langgraph.pregel import Pregel
@@ -28,6 +31,7 @@ from ..errors import (
     InvalidTransitionError,
     SessionNotFoundError,
     StorageUnavailableError,
+    ThreadBusyError,
 )
 from ..persistence import Persistence, Saver
 from ..sessions import validation
@@ -40,12 +44,14 @@ from ..store_scope import Namespace, ScopedStore, session_root, user_root
 from .run_lock import RunLocks, RunStrategy
 
 logger = logging.getLogger("bssagent.agent")
+MERGED_TITLE = "Kept from an outage"
 _SYNC_ONLY = {"SqliteSaver", "PostgresSaver", "ShallowPostgresSaver"}
 _ASYNC_ONLY = {"AsyncSqliteSaver", "AsyncPostgresSaver", "AsyncShallowPostgresSaver"}
 
 
 def _check_pairing(saver: Saver, want_async: bool) -> None:
-    names = {cls.__name__ for cls in type(saver).__mro__}
+    # The library's own savers are wrapped (bssagent.journal.RecordingSaver): check LangGraph's.
+    names = {cls.__name__ for cls in type(getattr(saver, "inner", saver)).__mro__}
     if want_async and names & _SYNC_ONLY:
         raise ConfigurationError(
             f"{type(saver).__name__} only supports sync calls: use invoke/stream, or give the "
@@ -64,6 +70,13 @@ def _runnable(session: UserSession) -> str:
         hint = "resume it first" if session.status == "paused" else "start a new session"
         raise InvalidTransitionError(f"session {session.thread_id!r} is {session.status}: {hint}")
     return session.thread_id
+
+
+def _replay_stopped(exc: BaseException) -> None:
+    logger.warning(
+        "bssagent: writing back the outage journal stopped (%s); the next run retries",
+        type(exc).__name__,
+    )
 
 
 def _deleted(thread_id: str) -> SessionNotFoundError:
@@ -153,6 +166,9 @@ class BaseAgent(abc.ABC):
         self._own_saver = checkpointer
         self._compiled: Pregel[Any, Any, Any, Any] | None = None
         self._sync_graph: Pregel[Any, Any, Any, Any] | None = None
+        self._seedable = True
+        self._replayer: threading.Thread | None = None
+        self._areplayer: asyncio.Task[int] | None = None
         returned = self.define_graph()
         if returned is not None:
             self.set_compiled_graph(returned)
@@ -183,6 +199,9 @@ class BaseAgent(abc.ABC):
             self._own_store = graph.store
         self._compiled = graph
         self._sync_graph = None
+        # A DeltaChannel keeps part of its value in earlier checkpoints' writes: one latest
+        # checkpoint cannot carry it through an outage.
+        self._seedable = not any(isinstance(c, DeltaChannel) for c in graph.channels.values())
 
     @property
     def graph(self) -> Pregel[Any, Any, Any, Any]:
@@ -542,6 +561,146 @@ class BaseAgent(abc.ABC):
             raise InvalidInputError("run_strategy", "must be 'enqueue' or 'reject'")
         return strategy
 
+    # -- outages: conversations kept in memory, then written back --------------------------
+
+    def _journal_applies(self, graph: Pregel[Any, Any, Any, Any]) -> bool:
+        p = self._persistence
+        return (
+            self._own_saver is None
+            and p.target.backend == "postgres"
+            and (
+                p.is_outage_saver(graph.checkpointer) or bool(p.journal)  # type: ignore[arg-type]
+            )
+        )
+
+    def _journaled(
+        self, graph: Pregel[Any, Any, Any, Any], thread: str, *, writing: bool = True
+    ) -> None:
+        """Before a call on ``thread`` (a writing one holds its run lock): on the memory
+        saver of an outage, seed the thread with its latest checkpoint and journal it; back
+        on the database, write back what the thread ran in memory first (and the other
+        threads, in the background)."""
+        if not self._journal_applies(graph):
+            return
+        p, saver = self._persistence, graph.checkpointer
+        if p.is_outage_saver(saver):  # type: ignore[arg-type]
+            p.use_memory(thread, writing=writing, seedable=self._seedable)
+        elif writing:
+            with p.errors():
+                p.replay_thread(saver, thread, lambda: self._merge_target(thread))  # type: ignore[arg-type]
+            self._replay_in_background()
+
+    async def _ajournaled(
+        self, graph: Pregel[Any, Any, Any, Any], thread: str, *, writing: bool = True
+    ) -> None:
+        if not self._journal_applies(graph):
+            return
+        p, saver = self._persistence, graph.checkpointer
+        if p.is_outage_saver(saver):  # type: ignore[arg-type]
+            p.use_memory(thread, writing=writing, seedable=self._seedable)
+        elif writing:
+            with p.errors():
+                await p.areplay_thread(saver, thread, lambda: self._amerge_target(thread))  # type: ignore[arg-type]
+            self._areplay_in_background()
+
+    def _merge_target(self, thread: str) -> str:
+        """Where an outage run goes when its thread moved on meanwhile: a child session of
+        the thread's owner, or (a thread nobody owns) a new thread."""
+        owner = self.session_manager._thread_owner(thread) if self._tracks_deletions else None
+        if owner is None:
+            return str(uuid.uuid4())
+        meta = {"bssagent_merged_from": thread}
+        child = self.session_manager.create_child_session(owner, thread, MERGED_TITLE, meta)
+        return child.thread_id
+
+    async def _amerge_target(self, thread: str) -> str:
+        sm = self.async_session_manager
+        owner = await sm._thread_owner(thread) if self._tracks_deletions else None
+        if owner is None:
+            return str(uuid.uuid4())
+        meta = {"bssagent_merged_from": thread}
+        return (await sm.create_child_session(owner, thread, MERGED_TITLE, meta)).thread_id
+
+    def replay_journal(self) -> int:
+        """Write back every conversation that ran in memory during an outage.
+
+        Runs do it for their own thread before they start, and start this in the background
+        once the database is back; call it yourself to be sure before a shutdown. A thread
+        busy with a run is left to that run; a deleted one is dropped.
+
+        Returns:
+            How many threads were written back.
+
+        Raises:
+            StorageError: The database failed (what is left stays journaled).
+        """
+        p, done = self._persistence, 0
+        for thread in p.journal.threads():
+            saver = p.sync()
+            if p.is_outage_saver(saver):
+                break
+            try:
+                with self._locks.hold(thread, "reject", 0), p.errors():
+                    if self._tracks_deletions and self.session_manager.is_thread_deleted(thread):
+                        p.forget(thread)
+                        continue
+                    merge = lambda: self._merge_target(thread)  # noqa: B023, E731
+                    done += p.replay_thread(saver, thread, merge)
+            except ThreadBusyError:
+                continue
+        if p.journal.has_ops:
+            p.store()  # writes the store's journal back
+        return done
+
+    async def areplay_journal(self) -> int:
+        """Async :meth:`replay_journal`."""
+        p, done = self._persistence, 0
+        for thread in p.journal.threads():
+            try:
+                async with (
+                    self._locks.ahold(thread, "reject", 0),
+                    p.async_saver() as saver,
+                ):
+                    if p.is_outage_saver(saver):
+                        break
+                    sm = self.async_session_manager if self._tracks_deletions else None
+                    if sm is not None and await sm.is_thread_deleted(thread):
+                        p.forget(thread)
+                        continue
+                    merge = lambda: self._amerge_target(thread)  # noqa: B023, E731
+                    with p.errors():
+                        done += await p.areplay_thread(saver, thread, merge)
+            except ThreadBusyError:
+                continue
+        if p.journal.has_ops:
+            await p.async_store()
+        return done
+
+    def _replay_in_background(self) -> None:
+        if self._replayer is None or not self._replayer.is_alive():
+            self._replayer = threading.Thread(
+                target=self._replay_quietly, name="bssagent-replay", daemon=True
+            )
+            self._replayer.start()
+
+    def _areplay_in_background(self) -> None:
+        if self._areplayer is None or self._areplayer.done():
+            self._areplayer = asyncio.get_running_loop().create_task(self._areplay_quietly())
+
+    def _replay_quietly(self) -> int:
+        try:
+            return self.replay_journal()
+        except BssAgentError as exc:
+            _replay_stopped(exc)
+            return 0
+
+    async def _areplay_quietly(self) -> int:
+        try:
+            return await self.areplay_journal()
+        except BssAgentError as exc:
+            _replay_stopped(exc)
+            return 0
+
     # -- runs -----------------------------------------------------------------------------
 
     def invoke(
@@ -571,6 +730,7 @@ class BaseAgent(abc.ABC):
             self._guarded(thread),
             self._typed(),
         ):
+            self._journaled(graph, thread)
             return graph.invoke(input, cfg, **kwargs)
 
     def stream(
@@ -597,6 +757,7 @@ class BaseAgent(abc.ABC):
                 self._guarded(thread),
                 self._typed(),
             ):
+                self._journaled(graph, thread)
                 yield from graph.stream(input, cfg, **kwargs)
 
         return run()
@@ -625,6 +786,7 @@ class BaseAgent(abc.ABC):
         ):
             graph = self._with_store(graph, user_id, thread)
             with self._typed():
+                await self._ajournaled(graph, thread)
                 return await graph.ainvoke(input, cfg, **kwargs)
 
     async def astream(
@@ -655,6 +817,7 @@ class BaseAgent(abc.ABC):
             # `async for` alone leaves the inner generator to the garbage collector.
             run = cast(AsyncGenerator[Any, None], graph.astream(input, cfg, **kwargs))
             with self._typed():
+                await self._ajournaled(graph, thread)
                 async with aclosing(run) as chunks:
                     async for chunk in chunks:
                         yield chunk
@@ -703,8 +866,10 @@ class BaseAgent(abc.ABC):
         thread_id: str | None = None,
     ) -> StateSnapshot:
         """The thread's current state (LangGraph ``StateSnapshot``)."""
-        cfg, _ = self._resolve(config, user_id, thread_id)
-        return self._sync_runnable().get_state(cfg)
+        cfg, thread = self._resolve(config, user_id, thread_id)
+        graph = self._sync_runnable()
+        self._journaled(graph, thread, writing=False)
+        return graph.get_state(cfg)
 
     async def aget_state(
         self,
@@ -714,8 +879,9 @@ class BaseAgent(abc.ABC):
         thread_id: str | None = None,
     ) -> StateSnapshot:
         """Async :meth:`get_state`."""
-        cfg, _ = await self._aresolve(config, user_id, thread_id)
+        cfg, thread = await self._aresolve(config, user_id, thread_id)
         async with self._async_graph() as graph:
+            await self._ajournaled(graph, thread, writing=False)
             return await graph.aget_state(cfg)
 
     def get_state_history(
@@ -727,8 +893,10 @@ class BaseAgent(abc.ABC):
         limit: int | None = None,
     ) -> list[StateSnapshot]:
         """The thread's checkpoints, newest first (materialized: see LangGraph #8558)."""
-        cfg, _ = self._resolve(config, user_id, thread_id)
-        return list(self._sync_runnable().get_state_history(cfg, limit=limit))
+        cfg, thread = self._resolve(config, user_id, thread_id)
+        graph = self._sync_runnable()
+        self._journaled(graph, thread, writing=False)
+        return list(graph.get_state_history(cfg, limit=limit))
 
     async def aget_state_history(
         self,
@@ -739,8 +907,9 @@ class BaseAgent(abc.ABC):
         limit: int | None = None,
     ) -> list[StateSnapshot]:
         """Async :meth:`get_state_history`."""
-        cfg, _ = await self._aresolve(config, user_id, thread_id)
+        cfg, thread = await self._aresolve(config, user_id, thread_id)
         async with self._async_graph() as graph:
+            await self._ajournaled(graph, thread, writing=False)
             return [s async for s in graph.aget_state_history(cfg, limit=limit)]
 
     def update_state(
@@ -756,8 +925,10 @@ class BaseAgent(abc.ABC):
         """Write ``values`` to the thread's state as if ``as_node`` ran (under the run lock)."""
         strategy = self._strategy(run_strategy)
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
+        self._route_around_outage()
         graph = self._sync_runnable()
-        with self._locks.hold(thread, strategy, self._run_timeout):
+        with self._locks.hold(thread, strategy, self._run_timeout), self._typed():
+            self._journaled(graph, thread)
             return graph.update_state(cfg, values, as_node=as_node)
 
     # -- deletion -------------------------------------------------------------------------
@@ -792,8 +963,28 @@ class BaseAgent(abc.ABC):
     def close(self) -> None:
         """Close the connections the agent opened (not a manager or saver you passed).
 
-        The agent stays usable: a later call opens what it needs again.
+        First, what ran in memory during an outage is written back if the database is
+        reachable again (a WARNING says how many conversations could not be: they are lost
+        with the process). The agent stays usable: a later call opens what it needs again.
         """
+        if self._persistence.journal:
+            if self._replayer is not None:
+                self._replayer.join(timeout=30)
+            self._replay_quietly()
+            self._left_behind()
+        self._close()
+
+    def _left_behind(self) -> None:
+        left = len(self._persistence.journal.threads())
+        if left:
+            logger.warning(
+                "bssagent: %d conversation(s) run during the outage could not be written back "
+                "before close: the database is still unreachable",
+                left,
+                extra=observe.log_fields("journal_lost", component="checkpoints", threads=left),
+            )
+
+    def _close(self) -> None:
         self._sync_graph = None
         self._persistence.close()
         self._locks.close()
@@ -803,12 +994,18 @@ class BaseAgent(abc.ABC):
 
     async def aclose(self) -> None:
         """Async :meth:`close`, also closing this event loop's async connections."""
+        if self._persistence.journal:
+            task = self._areplayer
+            if task is not None and task.get_loop() is asyncio.get_running_loop():
+                await asyncio.wait({task}, timeout=30)
+            await self._areplay_quietly()
+            self._left_behind()
         await self._persistence.aclose()
         await self._locks.aclose()
         for manager in self._owned_managers:
             if isinstance(manager, AsyncAgentSessionManager):
                 await manager.close()
-        self.close()
+        self._close()
 
     def __enter__(self) -> Self:
         return self

@@ -19,7 +19,7 @@ from langchain_core.messages import BaseMessage, message_to_dict
 
 from .. import observability as observe
 from ..config import Settings, StorageTarget, redact_url, resolve_target
-from ..errors import ConfigurationError, StorageUnavailableError
+from ..errors import ConfigurationError, JournalFullError, StorageUnavailableError
 from .cache import VersionedLRU
 from .model import UserSession
 from .storage.base import Limits
@@ -126,6 +126,7 @@ class ManagerState:
     def _fresh_memory(self) -> MemoryStore:
         memory = MemoryStore(limits=self.limits)
         memory.read_only = self.settings.fallback == "read_only"
+        memory.capacity = self.settings.journal_limit
         return memory
 
     @property
@@ -254,7 +255,11 @@ class ManagerState:
         with self._lock:
             if self._since is None and not force:
                 return False, None
-            return True, fallback(self.memory)
+            try:
+                return True, fallback(self.memory)
+            except JournalFullError:
+                observe.journal("sessions", "refused")
+                raise
 
     def memory_version(self) -> int:
         """Changes to the fallback data so far (writes to memory, deletions recorded)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ...errors import SessionLimitError, StorageUnavailableError
+from ...errors import JournalFullError, SessionLimitError, StorageUnavailableError
 from ..lifecycle import (
     ENDED,
     OPEN,
@@ -65,6 +65,10 @@ class MemoryStore:
         compares it before and after a pass)."""
         self.read_only = False
         """Refuse every change (``StorageUnavailableError``): the ``read_only`` fallback."""
+        self.capacity: int | None = None
+        """Most sessions it may create (``JournalFullError`` beyond): the fallback's bound
+        (``journal_limit``); sessions adopted from the cache do not count."""
+        self.made = 0
 
     def _writable(self, operation: str) -> None:
         """Refuse a change when this store is a read-only fallback."""
@@ -72,6 +76,15 @@ class MemoryStore:
             raise StorageUnavailableError(
                 f"the database is unavailable and the fallback is read-only: {operation} refused"
             )
+
+    def _room(self) -> None:
+        """Count a session about to be created; refuse it beyond :attr:`capacity`."""
+        if self.capacity is not None and self.made >= self.capacity:
+            raise JournalFullError(
+                f"the database is down and {self.capacity} sessions made meanwhile are already "
+                "kept for replay (journal_limit): a new session is refused"
+            )
+        self.made += 1
 
     def setup(self) -> None:
         """Nothing to set up."""
@@ -96,6 +109,7 @@ class MemoryStore:
                 return self._by_thread[current], False
             self._writable("get_or_create")
             self._enforce_limits(namespace, user_id)
+            self._room()
             return self._insert(namespace, user_id, title, metadata, thread_id), True
 
     def create(
@@ -104,6 +118,7 @@ class MemoryStore:
         self._writable("create")
         with self._lock:
             self._enforce_limits(namespace, user_id)
+            self._room()
             self._deactivate(namespace, user_id)
             return self._insert(namespace, user_id, title, metadata, thread_id)
 
@@ -276,6 +291,7 @@ class MemoryStore:
             if self._owned(namespace, user_id, parent_thread_id) is None:
                 return None
             self._enforce_limits(namespace, user_id)
+            self._room()
             return self._insert(
                 namespace,
                 user_id,
