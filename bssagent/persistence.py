@@ -180,9 +180,10 @@ class Persistence:
             return False
         return True
 
-    def run_succeeded(self) -> None:
-        """A run finished: past the outage window it ran on the database, which is back."""
-        if self._degraded_reason is not None and not self._down():
+    def run_succeeded(self, saver: Saver) -> None:
+        """A run on ``saver`` finished: if that was the database's, the database is back (a
+        run on the memory saver proves nothing, even one that ends after the window)."""
+        if self._degraded_reason is not None and not self.is_outage_saver(saver):
             self._recovered()
 
     def _recovered(self) -> None:
@@ -459,10 +460,21 @@ class Persistence:
         :class:`~bssagent.errors.StorageError` (``StorageUnavailableError`` when the server
         cannot be reached), the original chained."""
         if self.target.backend == "postgres":
+            from psycopg_pool import PoolTimeout
+
             from .sessions.storage.postgres_common import wrap_errors
 
-            with wrap_errors():
-                yield
+            try:
+                with wrap_errors():
+                    yield
+            except StorageError as exc:
+                timeout = exc.__cause__
+                # A pool timeout: a full pool, or a server gone (its connections are dead)?
+                if isinstance(timeout, PoolTimeout) and not self.reachable():
+                    raise StorageUnavailableError(
+                        "postgres unavailable (PoolTimeout; the server does not answer)"
+                    ) from timeout
+                raise
             return
         try:
             yield

@@ -256,3 +256,31 @@ async def test_two_replicas_writing_back_one_thread_at_once_keep_each_run_once(
     finally:
         await close(a, agent_a)
         await close(b, agent_b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_preferences_set_during_an_outage_are_written_back(
+    kind: str, drivers: list[Driver], proxy: TcpProxy, pg_url: str, table_name: str
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    m = registry(drivers, kind, proxy.url(pg_url), table_name)
+    await m("set_user_preferences", user, {"language": "en"})
+    proxy.refuse()
+    while True:  # the call that finds the database gone raises, typed; then memory serves
+        try:
+            await m("set_user_preferences", user, {"tone": "brief"})
+            break
+        except StorageUnavailableError:
+            pass
+    assert m.manager.persistence.is_degraded  # the store found out (the registry need not)
+    assert await m("get_user_preferences", user) == {"tone": "brief"}  # outage writes only
+    proxy.pass_()
+    started = time.monotonic()
+    while await m("get_user_preferences", user) != {"language": "en", "tone": "brief"}:
+        assert time.monotonic() - started < 10, "not written back within 10 s"
+        await asyncio.sleep(0.2)
+    from langgraph.store.postgres import PostgresStore
+
+    with PostgresStore.from_conn_string(pg_url) as store:
+        items = store.search(("bssagent", "default", "users", user), limit=100)
+    assert sorted(i.key for i in items) == ["language", "tone"]

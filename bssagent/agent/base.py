@@ -518,9 +518,9 @@ class BaseAgent(abc.ABC):
         return lost
 
     @contextmanager
-    def _typed(self) -> Iterator[None]:
+    def _typed(self, graph: Pregel[Any, Any, Any, Any]) -> Iterator[None]:
         """Runs raise bssagent's StorageUnavailableError, not a driver error, when the
-        database goes away mid-run."""
+        database goes away mid-run; a run that succeeded on the database ends an outage."""
         try:
             yield
         except Exception as exc:
@@ -528,7 +528,7 @@ class BaseAgent(abc.ABC):
             if lost is None:
                 raise
             raise lost from exc
-        self._persistence.run_succeeded()
+        self._persistence.run_succeeded(graph.checkpointer)  # type: ignore[arg-type]
 
     def _route_around_outage(self) -> None:
         """While the session registry serves from memory (its breaker found the database
@@ -586,7 +586,7 @@ class BaseAgent(abc.ABC):
         if p.is_outage_saver(saver):  # type: ignore[arg-type]
             p.use_memory(thread, writing=writing, seedable=self._seedable)
         elif writing:
-            with p.errors():
+            with self._write_back_failure():
                 p.replay_thread(saver, thread, lambda: self._merge_target(thread))  # type: ignore[arg-type]
             self._replay_in_background()
 
@@ -599,9 +599,22 @@ class BaseAgent(abc.ABC):
         if p.is_outage_saver(saver):  # type: ignore[arg-type]
             p.use_memory(thread, writing=writing, seedable=self._seedable)
         elif writing:
-            with p.errors():
+            with self._write_back_failure():
                 await p.areplay_thread(saver, thread, lambda: self._amerge_target(thread))  # type: ignore[arg-type]
             self._areplay_in_background()
+
+    @contextmanager
+    def _write_back_failure(self) -> Iterator[None]:
+        """A thread's write-back failing for another reason than the database (a session
+        limit, say, when its outage run had to go to a new session) does not fail the run:
+        the write-back stays journaled and is retried."""
+        try:
+            with self._persistence.errors():
+                yield
+        except StorageUnavailableError:
+            raise
+        except BssAgentError as exc:
+            _replay_stopped(exc)
 
     def _merge_target(self, thread: str) -> str:
         """Where an outage run goes when its thread moved on meanwhile: a child session of
@@ -728,7 +741,7 @@ class BaseAgent(abc.ABC):
             self._recorded(user_id, thread, "invoke"),
             self._held(thread, strategy),
             self._guarded(thread),
-            self._typed(),
+            self._typed(graph),
         ):
             self._journaled(graph, thread)
             return graph.invoke(input, cfg, **kwargs)
@@ -755,7 +768,7 @@ class BaseAgent(abc.ABC):
                 self._recorded(user_id, thread, "stream"),
                 self._held(thread, strategy),
                 self._guarded(thread),
-                self._typed(),
+                self._typed(graph),
             ):
                 self._journaled(graph, thread)
                 yield from graph.stream(input, cfg, **kwargs)
@@ -785,7 +798,7 @@ class BaseAgent(abc.ABC):
             self._aguarded(thread),
         ):
             graph = self._with_store(graph, user_id, thread)
-            with self._typed():
+            with self._typed(graph):
                 await self._ajournaled(graph, thread)
                 return await graph.ainvoke(input, cfg, **kwargs)
 
@@ -816,7 +829,7 @@ class BaseAgent(abc.ABC):
             # checkpoint writes) before the saver's connection and the thread are released;
             # `async for` alone leaves the inner generator to the garbage collector.
             run = cast(AsyncGenerator[Any, None], graph.astream(input, cfg, **kwargs))
-            with self._typed():
+            with self._typed(graph):
                 await self._ajournaled(graph, thread)
                 async with aclosing(run) as chunks:
                     async for chunk in chunks:
@@ -927,7 +940,7 @@ class BaseAgent(abc.ABC):
         cfg, thread = self._resolve(config, user_id, thread_id, writing=True)
         self._route_around_outage()
         graph = self._sync_runnable()
-        with self._locks.hold(thread, strategy, self._run_timeout), self._typed():
+        with self._locks.hold(thread, strategy, self._run_timeout), self._typed(graph):
             self._journaled(graph, thread)
             return graph.update_state(cfg, values, as_node=as_node)
 

@@ -870,7 +870,22 @@ class AgentSessionManager:
         return ScopedStore(p.store, root, abase=p.async_store)
 
     def _batch(self, ops: list[Op], root: Namespace = ()) -> list[Any]:
-        """Run store operations (namespaces relative to ``root``), errors translated."""
+        """Run store operations (namespaces relative to ``root``), errors translated.
+
+        While the database is down (found by the registry, or by this call), they go to the
+        outage store, whose writes are written back when it returns (``fallback="memory"``;
+        the other modes raise ``StorageUnavailableError``)."""
+        p = self._persistence
+        if self._state.degraded:
+            with suppress(StorageUnavailableError):
+                p.outage(StorageUnavailableError("the session registry found the database down"))
+        try:
+            return self._stored(ops, root)
+        except StorageUnavailableError as exc:
+            p.outage(exc)  # raises it again unless the fallback is memory
+        return self._stored(ops, root)  # on the outage store now
+
+    def _stored(self, ops: list[Op], root: Namespace) -> list[Any]:
         store = self._memory(root)
         with self._persistence.errors():
             return store.batch(ops)

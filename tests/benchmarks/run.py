@@ -10,7 +10,9 @@ Benchmarks, in this order (each also runs alone: ``python tests/benchmarks/bench
 - ``agent``: agent turn at turns 1 / 10 / 100 and 16 concurrent conversations, against raw
   LangGraph on the same saver;
 - ``lifecycle``: lookup on 1,000,000 vs 1,000 rows, expiring 100,000 idle sessions and the
-  idle probe against raw psycopg, checkpoint retention of 100 ended 100-turn threads.
+  idle probe against raw psycopg, checkpoint retention of 100 ended 100-turn threads;
+- ``outage``: turns in memory during a (proxied) outage against raw LangGraph on
+  ``InMemorySaver``, and writing them back against LangGraph's ``PostgresSaver.put``.
 
 Each benchmark works in a fresh database of its own, dropped at the end. Every figure is
 printed next to its baseline, run side by side in the same process; the table at the end
@@ -27,6 +29,7 @@ from collections.abc import Callable
 
 import bench_agent
 import bench_lifecycle
+import bench_outage
 import bench_sessions
 from common import URL, Row, header, print_summary
 
@@ -34,6 +37,7 @@ BENCHMARKS: dict[str, Callable[[str, bool], list[Row]]] = {
     "sessions": bench_sessions.run,
     "agent": bench_agent.run,
     "lifecycle": bench_lifecycle.run,
+    "outage": bench_outage.run,
 }
 
 
