@@ -1,8 +1,9 @@
 """Fault injection for the tests: a loopback TCP proxy that passes, refuses or black-holes
-traffic to a real server, and one driver for the sync and async managers.
+traffic to a real server, one driver for the sync and async managers, and an agent whose
+replies show how much history its thread holds.
 
-Imported by the fault tests (``test_fallback``, ``test_reliability``); the ``proxy`` fixture
-is in ``conftest.py``.
+Imported by the fault tests (``test_fallback``, ``test_reliability``, ``test_outage_journal``,
+...); the ``proxy`` fixture is in ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import inspect
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
+from langchain_core.messages import AIMessage
+from langgraph.graph import END, START, MessagesState, StateGraph
 
-from bssagent import AgentSessionManager, AsyncAgentSessionManager
+from bssagent import AgentSessionManager, AsyncAgentSessionManager, BaseAgent
 
 
 class TcpProxy:
@@ -166,3 +170,27 @@ def rows_of(pg_url: str, table: str, user_id: str) -> list[tuple[str, bool, dict
             f'SELECT thread_id, is_active, metadata FROM "{table}" WHERE user_id = %s ORDER BY id',
             (user_id,),
         ).fetchall()
+
+
+def one_node(node: Callable[..., dict[str, Any]]) -> StateGraph[Any]:
+    """A ``MessagesState`` graph running ``node`` once per turn."""
+    graph = StateGraph(MessagesState)
+    graph.add_node("reply", node)
+    graph.add_edge(START, "reply")
+    graph.add_edge("reply", END)
+    return graph
+
+
+def count_messages(state: MessagesState) -> dict[str, Any]:
+    """Reply with how many messages the thread holds: its history, as the saver has it."""
+    return {"messages": [AIMessage(f"{len(state['messages'])} messages")]}
+
+
+class Counter(BaseAgent):
+    """An agent replying ``"<n> messages"`` (see :func:`count_messages`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("counter", **kwargs)
+
+    def define_graph(self) -> StateGraph[Any]:
+        return one_node(count_messages)

@@ -11,9 +11,9 @@ import uuid
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage
+from faults import count_messages, one_node
 from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph import MessagesState
 from langgraph.store.base import PutOp
 from langgraph.store.memory import InMemoryStore
 from langgraph.types import interrupt
@@ -24,6 +24,7 @@ from bssagent.journal import (
     JournalingStore,
     LatestCheckpoints,
     RecordingSaver,
+    Step,
     continues,
     memory_chain,
     replay_steps,
@@ -37,13 +38,17 @@ def counter_graph(saver: Any, *, ask: bool = False) -> Any:
     def reply(state: MessagesState) -> dict[str, Any]:
         if ask:
             interrupt("ok?")
-        return {"messages": [AIMessage(f"{len(state['messages'])} messages")]}
+        return count_messages(state)
 
-    graph = StateGraph(MessagesState)
-    graph.add_node("reply", reply)
-    graph.add_edge(START, "reply")
-    graph.add_edge("reply", END)
-    return graph.compile(checkpointer=saver)
+    return one_node(reply).compile(checkpointer=saver)
+
+
+def write_back(saver: Any, steps: list[Step]) -> None:
+    """What the agent's write-back does with the steps, on ``saver``."""
+    for step in steps:
+        saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
+        for task_id, writes in step.writes:
+            saver.put_writes(step.config, writes, task_id)
 
 
 def config(thread: str) -> Any:
@@ -134,10 +139,7 @@ def test_replaying_a_memory_run_rebuilds_the_history_once() -> None:
     assert base not in {s.checkpoint["id"] for s in steps}  # already in the database
     before = len(list(db_saver.list(config("t"))))
     for _ in range(2):  # idempotent: the second pass changes nothing
-        for step in steps:
-            db_saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
-            for task_id, writes in step.writes:
-                db_saver.put_writes(step.config, writes, task_id)
+        write_back(db_saver, steps)
     assert texts(database, "t") == texts(outage, "t")
     assert len(list(db_saver.list(config("t")))) == before + len(steps)
     # Once written back, the chain continues the database's head (a retried replay is safe).
@@ -162,8 +164,7 @@ def test_a_run_that_does_not_continue_the_head_is_copied_whole_to_another_thread
     assert head is not None
     assert not continues(head.checkpoint["id"], found.checkpoint["id"], chain)
     assert not continues("another", None, chain)
-    for step in replay_steps(chain, "t", found.checkpoint["id"], into="copy"):
-        db_saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
+    write_back(db_saver, replay_steps(chain, "t", found.checkpoint["id"], into="copy"))
     assert texts(database, "copy") == ["one", "1 messages", "outage", "3 messages"]
     assert texts(database, "t") == ["one", "1 messages", "elsewhere", "3 messages"]
 
@@ -188,10 +189,7 @@ def test_writing_back_twice_on_postgresql_stores_each_checkpoint_once(pg_url: st
         steps = replay_steps(chain, thread, found.checkpoint["id"])
         before = len(list(db_saver.list(config(thread))))
         for _ in range(2):
-            for step in steps:
-                db_saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
-                for task_id, writes in step.writes:
-                    db_saver.put_writes(step.config, writes, task_id)
+            write_back(db_saver, steps)
         assert texts(database, thread) == ["one", "1 messages", "two", "3 messages"]
         assert len(list(db_saver.list(config(thread)))) == before + len(steps)
         db_saver.delete_thread(thread)

@@ -19,9 +19,9 @@ import uuid
 from typing import Any
 
 import pytest
-from faults import Driver, TcpProxy, make
-from langchain_core.messages import AIMessage, HumanMessage
-from langgraph.graph import END, START, MessagesState, StateGraph
+from faults import Driver, TcpProxy, count_messages, make, one_node
+from langchain_core.messages import HumanMessage
+from langgraph.graph import MessagesState, StateGraph
 from langgraph.store.base import BaseStore
 
 from bssagent import (
@@ -46,13 +46,9 @@ class NoteTaker(BaseAgent):
         def reply(state: MessagesState, *, store: BaseStore) -> dict[str, Any]:
             said = [m for m in state["messages"] if isinstance(m, HumanMessage)][-1]
             store.put(("notes",), str(uuid.uuid4()), {"text": said.text})
-            return {"messages": [AIMessage(f"{len(state['messages'])} messages")]}
+            return count_messages(state)
 
-        graph = StateGraph(MessagesState)
-        graph.add_node("reply", reply)
-        graph.add_edge(START, "reply")
-        graph.add_edge("reply", END)
-        return graph
+        return one_node(reply)
 
 
 def registry(drivers: list[Driver], kind: str, url: str, table: str, **options: Any) -> Driver:

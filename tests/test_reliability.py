@@ -18,9 +18,7 @@ import time
 from typing import Any
 
 import pytest
-from faults import Driver, TcpProxy, make, rows_of
-from langchain_core.messages import AIMessage
-from langgraph.graph import END, START, MessagesState, StateGraph
+from faults import Counter, Driver, TcpProxy, make, rows_of
 
 from bssagent import (
     AsyncAgentSessionManager,
@@ -198,23 +196,6 @@ async def test_only_connection_failures_and_deadlines_count(
     health = m.manager.health()
     assert (health.status, health.breaker, health.failures) == ("ok", "closed", 0)
     assert not m.degraded
-
-
-class Counter(BaseAgent):
-    """Replies with how many messages the thread holds (its history, as the saver has it)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("counter", **kwargs)
-
-    def define_graph(self) -> StateGraph[Any]:
-        def reply(state: MessagesState) -> dict[str, Any]:
-            return {"messages": [AIMessage(f"{len(state['messages'])} messages")]}
-
-        graph = StateGraph(MessagesState)
-        graph.add_node("reply", reply)
-        graph.add_edge(START, "reply")
-        graph.add_edge("reply", END)
-        return graph
 
 
 async def turn(d: Driver, agent: BaseAgent, text: str) -> str:

@@ -28,10 +28,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from langchain_core.messages import AIMessage
-from langgraph.graph import END, START, MessagesState, StateGraph
+from faults import Counter
 
-from bssagent import AgentSessionManager, BaseAgent, BssAgentError, StorageUnavailableError
+from bssagent import AgentSessionManager, BssAgentError, StorageUnavailableError
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(180)]
 DEADLINE = 0.3
@@ -228,23 +227,6 @@ def test_a_killed_and_restarted_server_with_fallback_raise(
         assert slowest < DEADLINE + SLACK
         assert recovery < 10
     stored_once(cluster.url, table_name, load.created)
-
-
-class Counter(BaseAgent):
-    """Replies with how many messages the thread holds."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("counter", **kwargs)
-
-    def define_graph(self) -> StateGraph[Any]:
-        def reply(state: MessagesState) -> dict[str, Any]:
-            return {"messages": [AIMessage(f"{len(state['messages'])} messages")]}
-
-        graph = StateGraph(MessagesState)
-        graph.add_node("reply", reply)
-        graph.add_edge(START, "reply")
-        graph.add_edge("reply", END)
-        return graph
 
 
 def test_agent_turns_through_a_killed_and_restarted_server(
