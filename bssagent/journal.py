@@ -27,6 +27,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -80,15 +81,29 @@ class LatestCheckpoints:
         self.size = size
         self._lock = threading.Lock()
         self._latest: OrderedDict[str, Latest | None] = OrderedDict()
+        # Writes for a checkpoint whose put has not arrived yet: LangGraph saves a step's
+        # writes without waiting for the step's checkpoint (durability="async").
+        self._early: dict[str, tuple[str, list[Write]]] = {}
 
     def _set(self, thread: str, latest: Latest | None) -> None:
         if self.size == 0:
             return
         with self._lock:
+            known = self._latest.get(thread)
+            # A read that began before a newer put must not take the thread back in time
+            # (only delete_thread, through discard(), removes a thread's checkpoints).
+            if known is not None and (
+                latest is None or latest.checkpoint["id"] < known.checkpoint["id"]
+            ):
+                return
+            early = self._early.pop(thread, None)
+            if latest is not None and early is not None and early[0] == latest.checkpoint["id"]:
+                latest.writes.extend(early[1])
             self._latest[thread] = latest
             self._latest.move_to_end(thread)
             while len(self._latest) > self.size:
-                self._latest.popitem(last=False)
+                evicted, _ = self._latest.popitem(last=False)
+                self._early.pop(evicted, None)
 
     def lookup(self, thread: str) -> tuple[bool, Latest | None]:
         """Whether the thread is known, and its latest checkpoint (None: it has none)."""
@@ -121,14 +136,29 @@ class LatestCheckpoints:
     ) -> None:
         """The saver stored ``writes`` of a task run from the checkpoint ``config`` names."""
         conf = config["configurable"]
+        if self.size == 0 or conf.get("checkpoint_ns", ""):
+            return
+        thread, checkpoint_id = str(conf["thread_id"]), str(conf.get("checkpoint_id"))
+        added = [(task_id, c, v, path) for c, v in writes]
         with self._lock:
-            latest = self._latest.get(str(conf["thread_id"]))
-            if latest is not None and latest.checkpoint["id"] == conf.get("checkpoint_id"):
-                latest.writes.extend((task_id, c, v, path) for c, v in writes)
+            latest = self._latest.get(thread)
+            if latest is not None and latest.checkpoint["id"] == checkpoint_id:
+                latest.writes.extend(added)
+            elif latest is None or checkpoint_id > latest.checkpoint["id"]:
+                early = self._early.get(thread)
+                if early is None or early[0] != checkpoint_id:
+                    early = self._early[thread] = (checkpoint_id, [])
+                early[1].extend(added)
 
     def discard(self, thread: str) -> None:
         with self._lock:
             self._latest.pop(thread, None)
+            self._early.pop(thread, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._latest.clear()
+            self._early.clear()
 
 
 class RecordingSaver(BaseCheckpointSaver[Any]):
@@ -230,11 +260,17 @@ class RecordingSaver(BaseCheckpointSaver[Any]):
         await self.inner.adelete_thread(thread_id)
         self.latest.discard(thread_id)
 
+    # Which threads the runs touched is not known here: forget them all.
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         self.inner.delete_for_runs(run_ids)
+        self.latest.clear()
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         await self.inner.adelete_for_runs(run_ids)
+        self.latest.clear()
+
+    def with_allowlist(self, extra_allowlist: Collection[tuple[str, ...]]) -> RecordingSaver:
+        return RecordingSaver(self.inner.with_allowlist(extra_allowlist), self.latest)
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self.inner.copy_thread(source_thread_id, target_thread_id)
@@ -259,8 +295,25 @@ class RecordingSaver(BaseCheckpointSaver[Any]):
         return await self.inner.aget_delta_channel_history(config=config, channels=channels)
 
 
-def seed(memory: InMemorySaver, latest: Latest) -> None:
-    """Put ``latest`` into ``memory`` as the thread's latest checkpoint, with its writes.
+Snapshot = dict[Any, Any]
+"""The writes ``InMemorySaver`` keeps on one checkpoint, as stored (serialized)."""
+
+
+def _stored_writes(memory: InMemorySaver, thread: str, ns: str, checkpoint_id: str) -> Snapshot:
+    """The writes ``memory`` holds on a checkpoint: ``(task_id, idx) -> (task_id, channel,
+    serialized value, task_path)``. LangGraph's ``pending_writes`` drop the task path, which
+    PostgreSQL orders writes by; ``InMemorySaver`` keeps it in ``writes``."""
+    stored = getattr(memory, "writes", None)
+    if isinstance(stored, Mapping):
+        return dict(stored.get((thread, ns, checkpoint_id), {}))
+    found = memory.get_tuple(_config(thread, ns, checkpoint_id))  # another layout: no paths
+    writes = (found.pending_writes if found is not None else None) or []
+    return {(t, i): (t, c, memory.serde.dumps_typed(v), "") for i, (t, c, v) in enumerate(writes)}
+
+
+def seed(memory: InMemorySaver, latest: Latest) -> Snapshot:
+    """Put ``latest`` into ``memory`` as the thread's latest checkpoint, with its writes;
+    returns those writes as stored (what a run adds to them is new).
 
     Every channel's version counts as new, so every channel's value is stored (a put stores
     only the channels named in ``new_versions``)."""
@@ -269,9 +322,11 @@ def seed(memory: InMemorySaver, latest: Latest) -> None:
                        dict(checkpoint["channel_versions"]))  # fmt: skip
     for task_id, path, writes in _by_task(latest.writes):
         memory.put_writes(saved, writes, task_id, path)
+    thread = str(saved["configurable"]["thread_id"])
+    return _stored_writes(memory, thread, "", checkpoint["id"])
 
 
-def _by_task(writes: Sequence[Write]) -> list[tuple[str, str, list[tuple[str, Any]]]]:
+def _by_task(writes: Iterable[Write]) -> list[tuple[str, str, list[tuple[str, Any]]]]:
     tasks: dict[tuple[str, str], list[tuple[str, Any]]] = {}
     for task_id, channel, value, path in writes:
         tasks.setdefault((task_id, path), []).append((channel, value))
@@ -279,56 +334,97 @@ def _by_task(writes: Sequence[Write]) -> list[tuple[str, str, list[tuple[str, An
 
 
 @dataclass(frozen=True)
+class Saved:
+    """One checkpoint of a memory run, with the writes made on it (as stored)."""
+
+    ns: str
+    parent_id: str | None
+    checkpoint: Checkpoint
+    metadata: CheckpointMetadata
+    writes: Snapshot
+
+    @property
+    def id(self) -> str:
+        return str(self.checkpoint["id"])
+
+
+@dataclass(frozen=True)
 class Step:
-    """One checkpoint to write back: ``put(parent, checkpoint, metadata, versions)``, then
-    ``put_writes(config, writes, task_id)`` for each ``(task_id, writes)``."""
+    """One checkpoint to write back: ``put(parent, checkpoint, metadata, versions)`` (unless
+    ``put`` is false: the checkpoint is there, only writes made on it are new), then
+    ``put_writes(config, writes, task_id, task_path)`` for each ``(task_id, path, writes)``."""
 
     parent: RunnableConfig
     checkpoint: Checkpoint
     metadata: CheckpointMetadata
     config: RunnableConfig
-    writes: list[tuple[str, list[tuple[str, Any]]]]
+    writes: list[tuple[str, str, list[tuple[str, Any]]]]
+    put: bool = True
 
     @property
     def versions(self) -> ChannelVersions:
         return dict(self.checkpoint["channel_versions"])
 
 
-def memory_chain(memory: InMemorySaver, thread: str) -> list[CheckpointTuple]:
+def memory_chain(memory: InMemorySaver, thread: str) -> list[Saved]:
     """The thread's checkpoints in ``memory`` (every namespace), oldest first."""
-    found = memory.list({"configurable": {"thread_id": thread}})
-    return sorted(found, key=lambda t: t.checkpoint["id"])
+    chain = []
+    for t in memory.list({"configurable": {"thread_id": thread}}):
+        ns = str(t.config["configurable"].get("checkpoint_ns", ""))
+        parent = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
+        writes = _stored_writes(memory, thread, ns, t.checkpoint["id"])
+        chain.append(Saved(ns, parent, t.checkpoint, t.metadata, writes))
+    return sorted(chain, key=lambda saved: saved.id)
 
 
-def continues(head: str | None, base: str | None, chain: Sequence[CheckpointTuple]) -> bool:
+def continues(head: str | None, base: str | None, chain: Sequence[Saved]) -> bool:
     """Whether the database's latest checkpoint ``head`` is where the memory ``chain``
     started (``base``; None: from nothing) or a part of it already written back: then the
     chain continues the thread. Otherwise the thread moved on elsewhere meanwhile (or its
     history was not known when the outage began)."""
-    return head == base or head in {t.checkpoint["id"] for t in chain}
+    return head == base or head in {saved.id for saved in chain}
 
 
 def replay_steps(
-    chain: Sequence[CheckpointTuple], thread: str, base: str | None, into: str | None = None
+    memory: InMemorySaver,
+    chain: Sequence[Saved],
+    thread: str,
+    base: str | None,
+    seeded: Snapshot,
+    into: str | None = None,
 ) -> list[Step]:
-    """What to write to the database for a memory ``chain`` (see :func:`memory_chain`).
+    """What to write to the database for a memory ``chain`` (see :func:`memory_chain`); an
+    empty list when the run wrote nothing.
 
-    Into the same thread, the checkpoint the chain started from (``base``) is already
-    there and is skipped; into another thread (``into``), the whole chain is copied."""
+    Into the same thread, the checkpoint the chain started from (``base``) is there already
+    with the ``seeded`` writes: only writes made on it since (a resume value, a new
+    interrupt) are written. Into another thread (``into``), the whole chain is copied, its
+    first checkpoint without a parent (the parent is the other thread's)."""
     target = into or thread
+    ids = {saved.id for saved in chain}
     steps: list[Step] = []
-    for t in chain:
-        checkpoint_id = t.checkpoint["id"]
-        if into is None and checkpoint_id == base:
-            continue
-        ns = str(t.config["configurable"].get("checkpoint_ns", ""))
-        parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
-        parent = _config(target, ns, parent_id)
-        tasks: dict[str, list[tuple[str, Any]]] = {}
-        for task_id, channel, value in t.pending_writes or ():
-            tasks.setdefault(task_id, []).append((channel, value))
-        steps.append(Step(parent, t.checkpoint, t.metadata, _config(target, ns, checkpoint_id),
-                          list(tasks.items())))  # fmt: skip
+    for saved in chain:
+        writes = saved.writes
+        is_base = into is None and saved.id == base
+        if is_base:
+            writes = {k: w for k, w in writes.items() if seeded.get(k) != w}
+            if not writes:
+                continue
+        grouped = _by_task(
+            (task_id, channel, memory.serde.loads_typed(value), path)
+            for task_id, channel, value, path in writes.values()
+        )
+        parent = saved.parent_id if into is None or saved.parent_id in ids else None
+        steps.append(
+            Step(
+                _config(target, saved.ns, parent),
+                saved.checkpoint,
+                saved.metadata,
+                _config(target, saved.ns, saved.id),
+                grouped,
+                put=not is_base,
+            )
+        )
     return steps
 
 
@@ -342,7 +438,8 @@ class Journal:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lock = threading.Lock()
-        self._threads: dict[str, str | None] = {}  # thread -> checkpoint its run started from
+        # thread -> the checkpoint its run started from, and the writes it had then
+        self._threads: dict[str, tuple[str | None, Snapshot]] = {}
         self._ops: list[PutOp] = []
         self._targets: dict[str, str] = {}  # thread -> where its run goes instead (a merge)
         self.refused = 0
@@ -355,8 +452,9 @@ class Journal:
     def has_ops(self) -> bool:
         return bool(self._ops)
 
-    def add_thread(self, thread: str, base: str | None) -> None:
-        """Journal ``thread`` (whose memory run started from checkpoint ``base``).
+    def add_thread(self, thread: str, base: str | None, seeded: Snapshot | None = None) -> None:
+        """Journal ``thread``, whose memory run started from checkpoint ``base`` holding the
+        ``seeded`` writes.
 
         Raises:
             JournalFullError: ``limit`` threads are journaled already.
@@ -370,12 +468,19 @@ class Journal:
                     f"the database is down and {self.limit} conversations are already kept "
                     "for replay (journal_limit): a run on another thread is refused"
                 )
-            self._threads[thread] = base
+            self._threads[thread] = (base, seeded or {})
 
-    def base(self, thread: str) -> tuple[bool, str | None]:
-        """Whether ``thread`` is journaled, and the checkpoint its memory run started from."""
+    def base(self, thread: str) -> tuple[bool, str | None, Snapshot]:
+        """Whether ``thread`` is journaled, the checkpoint its memory run started from, and
+        the writes that checkpoint had then."""
         with self._lock:
-            return thread in self._threads, self._threads.get(thread)
+            found = self._threads.get(thread)
+        return (False, None, {}) if found is None else (True, *found)
+
+    def seeded(self, thread: str, seeded: Snapshot) -> None:
+        with self._lock:
+            if thread in self._threads:
+                self._threads[thread] = (self._threads[thread][0], seeded)
 
     def threads(self) -> list[str]:
         with self._lock:
@@ -426,16 +531,16 @@ class Journal:
                 )
             self._ops.extend(puts)
 
-    def take_ops(self) -> list[PutOp]:
-        """The journaled store writes, oldest first, removed from the journal."""
+    def peek_ops(self) -> list[PutOp]:
+        """The journaled store writes, oldest first (they stay journaled until
+        :meth:`drop_ops`: meanwhile, store calls know a write-back is due)."""
         with self._lock:
-            ops, self._ops = self._ops, []
-            return ops
+            return list(self._ops)
 
-    def restore_ops(self, ops: list[PutOp]) -> None:
-        """Put back writes taken by :meth:`take_ops` whose replay failed (before newer ones)."""
+    def drop_ops(self, count: int) -> None:
+        """The first ``count`` journaled store writes are done with."""
         with self._lock:
-            self._ops[:0] = ops
+            del self._ops[:count]
 
 
 class JournalingStore(BaseStore):

@@ -23,7 +23,7 @@ name                                        type       labels
                                                        / swept)
 ``bssagent_journal_total``                  counter    component (sessions / checkpoints /
                                                        store), outcome (replayed / merged /
-                                                       refused)
+                                                       refused / rejected)
 ==========================================  =========  ==============================
 
 The cache hit ratio is ``rate(bssagent_get_or_create_seconds_count{cache="hit"}[5m])`` over

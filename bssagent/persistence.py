@@ -49,6 +49,7 @@ from .journal import (
 logger = logging.getLogger("bssagent.agent")
 
 Saver = BaseCheckpointSaver[Any]
+_RETIRE_AFTER = 60.0  # seconds a pool dropped at an outage stays open for runs still on it
 
 
 _PGVECTOR = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
@@ -113,6 +114,11 @@ class Persistence:
         self.latest = LatestCheckpoints(settings.checkpoint_cache_size)
         self.journal = Journal(settings.journal_limit)
         self._fallback_store: JournalingStore | None = None
+        self._ops_lock = threading.Lock()  # one store write-back at a time
+        self._retired: list[Any] = []  # pools dropped at an outage, closed a little later
+        self._retired_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def is_degraded(self) -> bool:
@@ -128,8 +134,8 @@ class Persistence:
             raise exc
         with self._lock:
             self._down_until = time.monotonic() + self.settings.reconnect_interval
-            self._drop_pools()
             if self._degraded_reason is None:
+                self._drop_pools()
                 self._degraded_reason = type(exc.__cause__ or exc).__name__
                 location = redact_url(self.target.url)
                 logger.warning(
@@ -143,17 +149,28 @@ class Persistence:
                 observe.degraded("checkpoints", True)
 
     def _drop_pools(self) -> None:
-        """Forget the PostgreSQL pools (with their savers and stores): after an outage, a
-        fresh pool connects at once or fails at once (``open_pool`` probes first), where an
-        old one would still be backing off between reconnection attempts and time runs out.
-        Closing waits for the pool's workers, so it happens off the caller's thread."""
+        """Stop using the PostgreSQL pools (with their savers and stores) when an outage
+        begins: after it, a fresh pool connects at once or fails at once (``open_pool``
+        probes first), where an old one would still be backing off between reconnection
+        attempts, and the first run would time out. Runs still using an old pool (a false
+        alarm: a busy database) keep it for ``_RETIRE_AFTER`` seconds before it is closed."""
         pool, self._pool = self._pool, None
         if pool is not None:
             self._opened.clear()
             self._resources.remove(pool)
-            threading.Thread(target=pool.close, name="bssagent-pool-close", daemon=True).start()
+            self._retired.append(pool)
+            timer = threading.Timer(_RETIRE_AFTER, self._close_retired, (pool,))
+            timer.daemon = True
+            timer.start()
         for entry in self._async.values():
             entry.stale = True
+
+    def _close_retired(self, pool: Any) -> None:
+        with self._lock:
+            if pool not in self._retired:
+                return
+            self._retired.remove(pool)
+        pool.close()
 
     def outage(self, exc: StorageUnavailableError) -> None:
         """The database went away after the savers were opened (a run failed on it, or the
@@ -403,7 +420,9 @@ class Persistence:
             entry = self._async.get(loop)
             if entry is not None and entry.stale:
                 del self._async[loop]
-                await entry.pool.close()
+                old = entry.pool
+                self._retired_async.setdefault(loop, []).append(old)
+                loop.call_later(_RETIRE_AFTER, lambda: loop.create_task(self._aclose_retired(old)))
                 entry = None
             try:
                 if entry is None:
@@ -512,16 +531,22 @@ class Persistence:
                     raise
                 return
             if latest is not None:
-                seed(memory, latest)
+                self.journal.seeded(thread, seed(memory, latest))
 
-    def _chain(self, thread: str, head: CheckpointTuple | None) -> tuple[bool, list[Any], Any]:
-        """Whether the thread's memory run continues the database's ``head``; the run's
-        checkpoints (none when it only holds its seed, unchanged); the seed's id."""
-        base = self.journal.base(thread)[1]
-        chain = memory_chain(self._memory_saver(), thread)
-        same = continues(None if head is None else head.checkpoint["id"], base, chain)
-        ran = any(t.checkpoint["id"] != base for t in chain)
-        return same, chain if ran else [], base
+    def _plan(self, thread: str, head: CheckpointTuple | None) -> tuple[list[Step], bool]:
+        """What ``thread``'s memory run would write back into it (nothing: it wrote nothing),
+        and whether it continues the database's ``head`` (else it goes to another thread)."""
+        memory = self._memory_saver()
+        _, base, seeded = self.journal.base(thread)
+        chain = memory_chain(memory, thread)
+        steps = replay_steps(memory, chain, thread, base, seeded)
+        return steps, continues(None if head is None else head.checkpoint["id"], base, chain)
+
+    def _copy(self, thread: str, target: str) -> list[Step]:
+        """``thread``'s whole memory run, as written into ``target``."""
+        memory = self._memory_saver()
+        _, base, seeded = self.journal.base(thread)
+        return replay_steps(memory, memory_chain(memory, thread), thread, base, seeded, target)
 
     def _replayed(self, thread: str, steps: list[Step], target: str | None) -> None:
         self.forget(thread)
@@ -551,16 +576,16 @@ class Persistence:
         if not self.journal.base(thread)[0] or self.is_outage_saver(saver):
             return False
         head = saver.get_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
-        same, chain, base = self._chain(thread, head)
-        if not same and not chain:
-            self.forget(thread)  # nothing ran: no copy to keep
-            return True
-        target = None if same else self.journal.target(thread, new_thread)
-        steps = replay_steps(chain, thread, base, target)
+        steps, same = self._plan(thread, head)
+        target = None
+        if steps and not same:
+            target = self.journal.target(thread, new_thread)
+            steps = self._copy(thread, target)
         for step in steps:
-            saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
-            for task_id, writes in step.writes:
-                saver.put_writes(step.config, writes, task_id)
+            if step.put:
+                saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
+            for task_id, path, writes in step.writes:
+                saver.put_writes(step.config, writes, task_id, path)
         self._replayed(thread, steps, target)
         return True
 
@@ -571,16 +596,16 @@ class Persistence:
         if not self.journal.base(thread)[0] or self.is_outage_saver(saver):
             return False
         head = await saver.aget_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
-        same, chain, base = self._chain(thread, head)
-        if not same and not chain:
-            self.forget(thread)
-            return True
-        target = None if same else await self.journal.atarget(thread, new_thread)
-        steps = replay_steps(chain, thread, base, target)
+        steps, same = self._plan(thread, head)
+        target = None
+        if steps and not same:
+            target = await self.journal.atarget(thread, new_thread)
+            steps = self._copy(thread, target)
         for step in steps:
-            await saver.aput(step.parent, step.checkpoint, step.metadata, step.versions)
-            for task_id, writes in step.writes:
-                await saver.aput_writes(step.config, writes, task_id)
+            if step.put:
+                await saver.aput(step.parent, step.checkpoint, step.metadata, step.versions)
+            for task_id, path, writes in step.writes:
+                await saver.aput_writes(step.config, writes, task_id, path)
         self._replayed(thread, steps, target)
         return True
 
@@ -592,32 +617,61 @@ class Persistence:
             self.journal.done(thread)
 
     def _replay_ops(self, store: BaseStore) -> None:
-        """Write the store writes journaled during an outage to the database's store."""
-        ops = self.journal.take_ops()
-        try:
-            with self.errors():
-                store.batch(ops)
-        except BaseException:
-            self.journal.restore_ops(ops)
-            raise
-        self._ops_replayed(ops)
+        """Write the store writes journaled during an outage to the database's ``store``
+        (sync calls; LangGraph's async stores take them from other threads too), in order,
+        one write-back at a time, so no store call lands between journaled writes and
+        their write-back.
+
+        A write the database refuses (a value PostgreSQL cannot store, say) is dropped,
+        logged and counted, so it cannot hold back the others; when the database goes away
+        again, what is left stays journaled.
+
+        Raises:
+            StorageUnavailableError: The database went away again.
+        """
+        with self._ops_lock:
+            ops = self.journal.peek_ops()
+            if not ops:
+                return
+            try:
+                with self.errors():
+                    store.batch(ops)
+                rejected = 0
+            except StorageUnavailableError:
+                raise
+            except Exception:  # one of them is refused: find which, write the others
+                rejected = self._one_by_one(store, ops)
+            self.journal.drop_ops(len(ops))
+        self._ops_replayed(len(ops) - rejected, rejected)
+
+    def _one_by_one(self, store: BaseStore, ops: list[Any]) -> int:
+        rejected = 0
+        for done, op in enumerate(ops):
+            try:
+                with self.errors():
+                    store.batch([op])
+            except StorageUnavailableError:
+                self.journal.drop_ops(done)
+                raise
+            except Exception as exc:
+                rejected += 1
+                logger.warning(
+                    "bssagent: a store write made during the outage was refused by the "
+                    "database and dropped (%s)", type(exc.__cause__ or exc).__name__,
+                    extra=observe.log_fields("rejected", component="store"),
+                )  # fmt: skip
+        return rejected
 
     async def _areplay_ops(self, store: BaseStore) -> None:
-        ops = self.journal.take_ops()
-        try:
-            with self.errors():
-                await store.abatch(ops)
-        except BaseException:
-            self.journal.restore_ops(ops)
-            raise
-        self._ops_replayed(ops)
+        await asyncio.to_thread(self._replay_ops, store)
 
-    def _ops_replayed(self, ops: list[Any]) -> None:
-        if ops:
-            observe.journal("store", "replayed", len(ops))
+    def _ops_replayed(self, written: int, rejected: int) -> None:
+        observe.journal("store", "replayed", written)
+        observe.journal("store", "rejected", rejected)
+        if written:
             logger.info(
-                "bssagent: %d store write(s) made during the outage written back", len(ops),
-                extra=observe.log_fields("replayed", component="store", writes=len(ops)),
+                "bssagent: %d store write(s) made during the outage written back", written,
+                extra=observe.log_fields("replayed", component="store", writes=written),
             )  # fmt: skip
 
     # -- whole threads (deletion, retention, export) ---------------------------------------
@@ -675,15 +729,23 @@ class Persistence:
     def close(self) -> None:
         """Close the sync saver's and store's connections. Idempotent."""
         with self._lock:
-            resources, self._resources = self._resources, []
+            resources, self._resources = self._resources + self._retired, []
+            self._retired = []
             self._opened.clear()
             self._pool = None
         for resource in resources:
             resource.close()
 
+    async def _aclose_retired(self, pool: Any) -> None:
+        retired = self._retired_async.get(asyncio.get_running_loop(), [])
+        if pool in retired:
+            retired.remove(pool)
+            await pool.close()
+
     async def aclose(self) -> None:
         """Close the running loop's async saver and store, then the sync ones. Idempotent."""
-        entry = self._async.pop(asyncio.get_running_loop(), None)
-        if entry is not None:
-            await entry.pool.close()
+        loop = asyncio.get_running_loop()
+        entry = self._async.pop(loop, None)
+        for pool in [*self._retired_async.pop(loop, []), *([entry.pool] if entry else [])]:
+            await pool.close()
         self.close()

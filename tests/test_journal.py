@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 from faults import count_messages, one_node
+from langchain_core.messages import AIMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import MessagesState
 from langgraph.store.base import PutOp
 from langgraph.store.memory import InMemoryStore
-from langgraph.types import interrupt
+from langgraph.types import Command, interrupt
 
 from bssagent import JournalFullError, StorageUnavailableError
 from bssagent.journal import (
@@ -46,9 +47,10 @@ def counter_graph(saver: Any, *, ask: bool = False) -> Any:
 def write_back(saver: Any, steps: list[Step]) -> None:
     """What the agent's write-back does with the steps, on ``saver``."""
     for step in steps:
-        saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
-        for task_id, writes in step.writes:
-            saver.put_writes(step.config, writes, task_id)
+        if step.put:
+            saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
+        for task_id, path, writes in step.writes:
+            saver.put_writes(step.config, writes, task_id, path)
 
 
 def config(thread: str) -> Any:
@@ -127,7 +129,7 @@ def test_replaying_a_memory_run_rebuilds_the_history_once() -> None:
     assert found is not None
     base = found.checkpoint["id"]
     memory = InMemorySaver()
-    seed(memory, found)
+    seeded = seed(memory, found)
     outage = counter_graph(memory)
     outage.invoke({"messages": ["two"]}, config("t"))
     outage.invoke({"messages": ["three"]}, config("t"))
@@ -135,8 +137,9 @@ def test_replaying_a_memory_run_rebuilds_the_history_once() -> None:
     head = db_saver.get_tuple(config("t"))
     assert head is not None
     assert continues(head.checkpoint["id"], base, chain)
-    steps = replay_steps(chain, "t", base)
+    steps = replay_steps(memory, chain, "t", base, seeded)
     assert base not in {s.checkpoint["id"] for s in steps}  # already in the database
+    assert all(s.put for s in steps)
     before = len(list(db_saver.list(config("t"))))
     for _ in range(2):  # idempotent: the second pass changes nothing
         write_back(db_saver, steps)
@@ -156,7 +159,7 @@ def test_a_run_that_does_not_continue_the_head_is_copied_whole_to_another_thread
     found = latest.lookup("t")[1]
     assert found is not None
     memory = InMemorySaver()
-    seed(memory, found)
+    seeded = seed(memory, found)
     counter_graph(memory).invoke({"messages": ["outage"]}, config("t"))
     database.invoke({"messages": ["elsewhere"]}, config("t"))  # the thread moved on
     chain = memory_chain(memory, "t")
@@ -164,7 +167,10 @@ def test_a_run_that_does_not_continue_the_head_is_copied_whole_to_another_thread
     assert head is not None
     assert not continues(head.checkpoint["id"], found.checkpoint["id"], chain)
     assert not continues("another", None, chain)
-    write_back(db_saver, replay_steps(chain, "t", found.checkpoint["id"], into="copy"))
+    steps = replay_steps(memory, chain, "t", found.checkpoint["id"], seeded, into="copy")
+    # The copy starts the new thread: its first checkpoint's parent is the other thread's.
+    assert "checkpoint_id" not in steps[0].parent["configurable"]
+    write_back(db_saver, steps)
     assert texts(database, "copy") == ["one", "1 messages", "outage", "3 messages"]
     assert texts(database, "t") == ["one", "1 messages", "elsewhere", "3 messages"]
 
@@ -182,11 +188,11 @@ def test_writing_back_twice_on_postgresql_stores_each_checkpoint_once(pg_url: st
         found = latest.lookup(thread)[1]
         assert found is not None
         memory = InMemorySaver()
-        seed(memory, found)
+        seeded = seed(memory, found)
         outage = counter_graph(memory)
         outage.invoke({"messages": ["two"]}, config(thread))
         chain = memory_chain(memory, thread)
-        steps = replay_steps(chain, thread, found.checkpoint["id"])
+        steps = replay_steps(memory, chain, thread, found.checkpoint["id"], seeded)
         before = len(list(db_saver.list(config(thread))))
         for _ in range(2):
             write_back(db_saver, steps)
@@ -204,7 +210,7 @@ def test_the_journal_refuses_new_threads_and_writes_beyond_its_limit() -> None:
         journal.add_thread("c", None)
     assert isinstance(raised.value, StorageUnavailableError)
     assert journal.threads() == ["a", "b"]
-    assert journal.base("b") == (True, "base")
+    assert journal.base("b") == (True, "base", {})
     assert journal.refused == 1
     store = JournalingStore(InMemoryStore(), journal)
     store.put(("n",), "k1", {"v": 1})
@@ -214,10 +220,83 @@ def test_the_journal_refuses_new_threads_and_writes_beyond_its_limit() -> None:
     assert store.get(("n",), "k3") is None  # refused before it was applied
     assert store.search(("n",))
     assert journal.has_ops
-    ops = journal.take_ops()
-    assert [op.key for op in ops] == ["k1", "k2"]
-    assert not journal.has_ops
-    journal.restore_ops(ops)  # a failed replay puts them back
+    assert [op.key for op in journal.peek_ops()] == ["k1", "k2"]
     with pytest.raises(JournalFullError):
         journal.add_ops([PutOp(("n",), "k3", None)])
-    assert [op.key for op in journal.take_ops()] == ["k1", "k2"]
+    journal.drop_ops(1)
+    assert [op.key for op in journal.peek_ops()] == ["k2"]
+    journal.drop_ops(1)
+    assert not journal.has_ops
+
+
+def test_an_answer_given_during_the_outage_is_written_back() -> None:
+    """A resume that leads to another question adds writes to the seeded checkpoint itself
+    (no new checkpoint): they are written back too."""
+
+    def ask_twice(state: MessagesState) -> dict[str, Any]:
+        first, second = interrupt("first?"), interrupt("second?")
+        return {"messages": [AIMessage(f"{first} then {second}")]}
+
+    latest = LatestCheckpoints(10)
+    db_saver = InMemorySaver()
+    database = one_node(ask_twice).compile(checkpointer=RecordingSaver(db_saver, latest))
+    database.invoke({"messages": ["hi"]}, config("t"))
+    found = latest.lookup("t")[1]
+    assert found is not None
+    memory = InMemorySaver()
+    seeded = seed(memory, found)
+    outage = one_node(ask_twice).compile(checkpointer=memory)
+    outage.invoke(Command(resume="yes"), config("t"))  # answered during the outage
+    assert outage.get_state(config("t")).interrupts[0].value == "second?"
+    chain = memory_chain(memory, "t")
+    steps = replay_steps(memory, chain, "t", found.checkpoint["id"], seeded)
+    assert [s.put for s in steps] == [False]  # new writes on the seeded checkpoint only
+    write_back(db_saver, steps)
+    assert database.get_state(config("t")).interrupts[0].value == "second?"
+    result = database.invoke(Command(resume="ok"), config("t"))
+    assert result["messages"][-1].text == "yes then ok"
+
+
+def test_writes_saved_before_their_checkpoint_are_remembered_with_it() -> None:
+    """LangGraph saves a step's writes without waiting for the step's checkpoint."""
+    latest = LatestCheckpoints(10)
+    first: Any = {"id": "1", "channel_versions": {}, "channel_values": {}}
+    second: Any = {"id": "2", "channel_versions": {}, "channel_values": {}}
+    latest.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, first, {})
+    at_second = {"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": "2"}}
+    latest.add_writes(at_second, [("__interrupt__", "ask")], "task", "")
+    latest.put({"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": "1"}},
+               second, {})  # fmt: skip
+    found = latest.lookup("t")[1]
+    assert found is not None
+    assert found.writes == [("task", "__interrupt__", "ask", "")]
+    # A read that began before the newer put does not take the thread back in time.
+    stale: Any = type("T", (), {"checkpoint": first, "parent_config": None, "metadata": {},
+                                "pending_writes": []})()  # fmt: skip
+    latest.read(config("t"), stale)
+    latest.read(config("t"), None)
+    found = latest.lookup("t")[1]
+    assert found is not None
+    assert found.checkpoint["id"] == "2"
+
+
+@pytest.mark.postgres
+def test_a_store_write_the_database_refuses_does_not_hold_back_the_others(pg_url: str) -> None:
+    from bssagent import Settings
+    from bssagent.persistence import Persistence
+
+    ns = ("bssagent-test", uuid.uuid4().hex)
+    p = Persistence(Settings(database_url=pg_url))
+    try:
+        p.journal.add_ops([
+            PutOp(ns, "before", {"v": 1}),
+            PutOp(ns, "refused", {"v": "NUL \x00 is not storable in PostgreSQL"}),
+            PutOp(ns, "after", {"v": 2}),
+        ])  # fmt: skip
+        store = p.store()  # the store's first use writes the journal back
+        assert not p.journal.has_ops
+        assert sorted(item.key for item in store.search(ns)) == ["after", "before"]
+        for item in store.search(ns):
+            store.delete(ns, item.key)
+    finally:
+        p.close()

@@ -700,17 +700,19 @@ class BaseAgent(abc.ABC):
         if self._areplayer is None or self._areplayer.done():
             self._areplayer = asyncio.get_running_loop().create_task(self._areplay_quietly())
 
+    # In the background and at close: whatever fails is logged, never raised (close must
+    # still close; the journal keeps what was not written).
     def _replay_quietly(self) -> int:
         try:
             return self.replay_journal()
-        except BssAgentError as exc:
+        except Exception as exc:
             _replay_stopped(exc)
             return 0
 
     async def _areplay_quietly(self) -> int:
         try:
             return await self.areplay_journal()
-        except BssAgentError as exc:
+        except Exception as exc:
             _replay_stopped(exc)
             return 0
 
