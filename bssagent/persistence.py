@@ -11,6 +11,10 @@ agent whose graph never touches the store opens none.
 
 LangGraph's ``setup()`` is not safe to run from several processes at once on an empty
 PostgreSQL database; here it runs under bssagent's migration lock.
+
+While PostgreSQL is down (``fallback="memory"``), conversations carry on in memory and are
+written back when it returns: this module holds the memory saver and store of an outage and
+does the writing back; :mod:`bssagent.journal` holds the bookkeeping.
 """
 
 from __future__ import annotations

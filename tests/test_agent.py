@@ -1042,3 +1042,41 @@ def test_an_agent_with_only_its_own_saver_opens_no_database(
     assert saver.get_tuple({"configurable": {"thread_id": thread}}) is not None
     assert not (tmp_path / ".bssagent").exists()
     agent.close()
+
+
+_STRICT_SCRIPT = """
+import operator, uuid
+from dataclasses import dataclass
+from typing import Annotated, TypedDict
+from langgraph.graph import END, START, StateGraph
+from bssagent import BaseAgent, Settings
+
+@dataclass
+class Point:
+    x: int
+
+class State(TypedDict):
+    points: Annotated[list[Point], operator.add]
+
+class Plotter(BaseAgent):
+    def define_graph(self):
+        graph = StateGraph(State)
+        graph.add_node("plot", lambda state: {"points": [Point(len(state["points"]))]})
+        graph.add_edge(START, "plot")
+        graph.add_edge("plot", END)
+        return graph
+
+agent = Plotter("plotter", settings=Settings(database_url="memory://"))
+config = {"configurable": {"thread_id": str(uuid.uuid4())}}
+agent.invoke({"points": []}, config)
+print(*[type(p).__name__ for p in agent.invoke({"points": []}, config)["points"]])
+"""
+
+
+def test_strict_msgpack_keeps_the_graphs_own_types() -> None:
+    """With LANGGRAPH_STRICT_MSGPACK on, LangGraph allows the types of a compiled graph's
+    schemas; the agent's copies of the graph (its saver and store attached) keep that."""
+    env = {**os.environ, "LANGGRAPH_STRICT_MSGPACK": "true"}
+    done = subprocess.run([sys.executable, "-c", _STRICT_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)  # fmt: skip
+    assert done.stdout.split() == ["Point", "Point"]

@@ -164,3 +164,28 @@ async def test_without_notifications_staleness_is_bounded_by_the_ttl(
 
     assert not await a_sees_it()  # stale: the cache is trusted for cache_ttl
     await until(a_sees_it, 1.0)
+
+
+def test_an_async_manager_serves_one_event_loop_after_another(pg_url: str, table_name: str) -> None:
+    """``asyncio.run`` three times with one async manager: each loop gets its own pool and
+    change feed (another replica's change reaches the cache every time), and close() works
+    from yet another loop."""
+    from bssagent import AgentSessionManager, AsyncAgentSessionManager
+
+    m = AsyncAgentSessionManager(database_url=pg_url, table_name=table_name)
+    other = AgentSessionManager(database_url=pg_url, table_name=table_name, cache_size=0)
+
+    async def replaced_session_is_seen() -> None:
+        await m.get_or_create_user_session("alice")  # cached
+        newer = other.create_user_session("alice")  # another replica replaces it
+        started = time.monotonic()
+        while (await m.get_or_create_user_session("alice")).thread_id != newer.thread_id:
+            assert time.monotonic() - started < 2, "the change did not reach this loop's cache"
+            await asyncio.sleep(0.02)
+
+    try:
+        for _ in range(3):
+            asyncio.run(replaced_session_is_seen())
+        asyncio.run(m.close())
+    finally:
+        other.close()

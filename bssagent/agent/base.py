@@ -72,6 +72,18 @@ def _runnable(session: UserSession) -> str:
     return session.thread_id
 
 
+def _copied(graph: Pregel[Any, Any, Any, Any], **update: Any) -> Pregel[Any, Any, Any, Any]:
+    """``graph.copy(update=...)``, keeping the msgpack allowlist ``compile()`` derived from
+    the graph's schemas: ``Pregel.copy`` drops it, and with ``LANGGRAPH_STRICT_MSGPACK`` on,
+    LangGraph gives it to the saver on every run (without it, the state's own types come
+    back as dicts)."""
+    copy = graph.copy(update=update)
+    allowlist = getattr(graph, "_serde_allowlist", None)
+    if allowlist is not None:
+        copy._serde_allowlist = allowlist
+    return copy
+
+
 def _replay_stopped(exc: BaseException) -> None:
     logger.warning(
         "bssagent: writing back the outage journal stopped (%s); the next run retries",
@@ -96,6 +108,11 @@ class BaseAgent(abc.ABC):
     optionally with ``thread_id=`` to pick one of the user's sessions (ownership-checked).
 
     Runs on one thread never interleave (see :mod:`bssagent.agent.run_lock`).
+
+    While PostgreSQL is unreachable (``fallback="memory"``), runs go on in memory, each
+    thread starting from its latest checkpoint when the agent knows it, and what they wrote
+    is written back when the database returns (:meth:`replay_journal`; see
+    :mod:`bssagent.journal`).
 
     Nodes get a LangGraph store (``store: BaseStore`` or ``runtime.store``) scoped to the
     run's user: namespaces are relative to that user's memory, so a node reads and writes
@@ -210,7 +227,7 @@ class BaseAgent(abc.ABC):
         return self._compiled
 
     def _graph_for(self, saver: Saver) -> Pregel[Any, Any, Any, Any]:
-        return self.graph.copy(update={"checkpointer": saver})
+        return _copied(self.graph, checkpointer=saver)
 
     def _with_store(
         self, graph: Pregel[Any, Any, Any, Any], user_id: str | None, thread: str
@@ -228,7 +245,7 @@ class BaseAgent(abc.ABC):
                 abase=abase,
                 aroot=lambda: self._athread_root(thread),
             )
-        return graph.copy(update={"store": store})
+        return _copied(graph, store=store)
 
     def _thread_root(self, thread: str) -> Namespace:
         """Memory of the thread's owner; a thread nobody owns has its own."""

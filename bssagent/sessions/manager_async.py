@@ -56,6 +56,7 @@ from .model import SessionEvent, SessionStats, UserSession
 from .storage.base import AsyncSessionStore
 from .storage.memory import MemoryStore
 from .storage.offload import AsyncOffloaded  # sync-drop
+from .storage.slots import cancel  # sync-drop
 from .storage.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -167,6 +168,7 @@ class AsyncAgentSessionManager:
             else Persistence(resolved, checkpointer, memory_store, memory_index)
         )
         self._cleaner: Any = None
+        self._cleaner_every: float | None = None
         self._feed: Any = None  # the change feed (PostgreSQL) and its task / thread
         self._feed_runner: Any = None
         # sync-only: self._wake = threading.Event()
@@ -266,6 +268,7 @@ class AsyncAgentSessionManager:
         try:
             if not self._ready:
                 await self._setup()
+            self._restart_orphans()  # sync-drop
             if state.degraded:
                 # Before the call, so that it sees what was written while degraded.
                 await self._reconcile()
@@ -364,6 +367,17 @@ class AsyncAgentSessionManager:
                 await self._deadlined(lambda s: s.adopt(session))  # noqa: B023
             if state.leave_degraded(len(sessions), version):
                 return
+
+    def _restart_orphans(self) -> None:  # sync-drop
+        # Background tasks die with the loop they ran on (asyncio.run twice, a loop  # sync-drop
+        # per test): the change feed and the cleaner start again on this one.  # sync-drop
+        feed, cleaner = self._feed_runner, self._cleaner  # sync-drop
+        if feed is not None and self._feed is not None and feed.get_loop().is_closed():  # sync-drop
+            self._feed.stop()  # sync-drop
+            self._follow_changes()  # sync-drop
+        if cleaner is not None and cleaner.get_loop().is_closed():  # sync-drop
+            self._cleaner = None  # sync-drop
+            self.start_cleaner(self._cleaner_every)  # sync-drop
 
     def _new_thread_id(self) -> str:
         return str(uuid.uuid4())
@@ -1119,6 +1133,7 @@ class AsyncAgentSessionManager:
         ``cleanup_interval`` setting) in the background until :meth:`close`."""
         every = validation.duration(interval or self.settings.cleanup_interval or 60.0)
         if self._cleaner is None and not self._closed:
+            self._cleaner_every = every
             # sync-only: self._cleaner = spawn_thread(self._clean_forever, every)
             self._cleaner = asyncio.create_task(self._clean_forever(every))  # sync-drop
 
@@ -1142,13 +1157,13 @@ class AsyncAgentSessionManager:
         # second close() must release them again.
         self._closed = True
         if self._cleaner is not None:
-            self._cleaner.cancel()  # sync: self._wake.set()
+            cancel(self._cleaner)  # sync: self._wake.set()
             # sync-only: self._cleaner.join()
             self._cleaner = None
         if self._feed is not None:
             self._feed.stop()
             self._feed = None
-            self._feed_runner.cancel()  # sync-drop
+            cancel(self._feed_runner)  # sync-drop
             self._feed_runner = None
             self._ready = False  # a later call reopens the connections, and the feed
         await self._store.close()

@@ -166,6 +166,7 @@ class AgentSessionManager:
             else Persistence(resolved, checkpointer, memory_store, memory_index)
         )
         self._cleaner: Any = None
+        self._cleaner_every: float | None = None
         self._feed: Any = None  # the change feed (PostgreSQL) and its task / thread
         self._feed_runner: Any = None
         self._wake = threading.Event()
@@ -1107,6 +1108,7 @@ class AgentSessionManager:
         ``cleanup_interval`` setting) in the background until :meth:`close`."""
         every = validation.duration(interval or self.settings.cleanup_interval or 60.0)
         if self._cleaner is None and not self._closed:
+            self._cleaner_every = every
             self._cleaner = spawn_thread(self._clean_forever, every)
 
     def _clean_forever(self, interval: float) -> None:

@@ -39,6 +39,7 @@ from .postgres_common import (
     to_stats,
     wrap_errors,
 )
+from .slots import AsyncSlot
 
 _POLL_SECONDS = 0.05
 
@@ -165,17 +166,19 @@ class AsyncPostgresStore:
         self._lock_timeout = lock_timeout
         self.origin = uuid.uuid4().hex
         """Marks this store's writes in change notifications (see :class:`AsyncChangeFeed`)."""
-        self._pool: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
-        self._pool_lock = asyncio.Lock()  # sync: self._pool_lock = threading.Lock()
+        # One pool per event loop (the sync twin: one): see slots.py.
+        self._pools: AsyncSlot[AsyncConnectionPool[AsyncConnection[DictRow]]] = AsyncSlot()
 
     # -- plumbing -------------------------------------------------------------------------
 
     async def _get_pool(self) -> AsyncConnectionPool[AsyncConnection[DictRow]]:
-        if self._pool is not None:
-            return self._pool
-        async with self._pool_lock:
-            if self._pool is None:
-                self._pool = await open_pool(
+        pool = self._pools.get()
+        if pool is not None:
+            return pool
+        async with self._pools.lock():
+            pool = self._pools.get()
+            if pool is None:
+                pool = await open_pool(
                     self._url,
                     kwargs=self._kwargs,
                     min_size=self._min_size,
@@ -185,7 +188,8 @@ class AsyncPostgresStore:
                     name="bssagent",
                     origin=self.origin,
                 )
-        return self._pool
+                self._pools.set(pool)
+        return pool
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[DictRow]]:
@@ -257,8 +261,9 @@ class AsyncPostgresStore:
             ) from exc.__cause__
 
     async def close(self) -> None:
-        async with self._pool_lock:
-            pool, self._pool = self._pool, None
+        """Close this event loop's pool (the sync twin: the pool). Idempotent."""
+        async with self._pools.lock():
+            pool = self._pools.pop()
         if pool is not None:
             await pool.close()
 
@@ -637,6 +642,11 @@ class AsyncChangeFeed:
                             self._deliver(note.payload)
             except psycopg.Error:
                 pass
+            except asyncio.CancelledError:  # sync-drop
+                # Its loop is ending (asyncio.run cancels what is left): with nobody  # sync-drop
+                # listening, nothing cached may be trusted until a feed runs again.  # sync-drop
+                self._on_gap()  # sync-drop
+                raise  # sync-drop
             finally:
                 if self.connected:
                     self.connected = False

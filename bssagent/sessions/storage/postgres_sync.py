@@ -10,7 +10,6 @@ server restart does not hand out dead connections.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from .postgres_common import (
     to_stats,
     wrap_errors,
 )
+from .slots import Slot
 
 _POLL_SECONDS = 0.05
 
@@ -167,17 +167,19 @@ class PostgresStore:
         self._lock_timeout = lock_timeout
         self.origin = uuid.uuid4().hex
         """Marks this store's writes in change notifications (see :class:`ChangeFeed`)."""
-        self._pool: ConnectionPool[Connection[DictRow]] | None = None
-        self._pool_lock = threading.Lock()
+        # One pool per event loop (the sync twin: one): see slots.py.
+        self._pools: Slot[ConnectionPool[Connection[DictRow]]] = Slot()
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _get_pool(self) -> ConnectionPool[Connection[DictRow]]:
-        if self._pool is not None:
-            return self._pool
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = open_pool(
+        pool = self._pools.get()
+        if pool is not None:
+            return pool
+        with self._pools.lock():
+            pool = self._pools.get()
+            if pool is None:
+                pool = open_pool(
                     self._url,
                     kwargs=self._kwargs,
                     min_size=self._min_size,
@@ -187,7 +189,8 @@ class PostgresStore:
                     name="bssagent",
                     origin=self.origin,
                 )
-        return self._pool
+                self._pools.set(pool)
+        return pool
 
     @contextmanager
     def _connection(self) -> Iterator[Connection[DictRow]]:
@@ -257,8 +260,9 @@ class PostgresStore:
             ) from exc.__cause__
 
     def close(self) -> None:
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
+        """Close this event loop's pool (the sync twin: the pool). Idempotent."""
+        with self._pools.lock():
+            pool = self._pools.pop()
         if pool is not None:
             pool.close()
 
