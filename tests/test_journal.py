@@ -23,8 +23,10 @@ from bssagent import JournalFullError, StorageUnavailableError
 from bssagent.journal import (
     Journal,
     JournalingStore,
+    Latest,
     LatestCheckpoints,
     RecordingSaver,
+    Snapshot,
     Step,
     continues,
     memory_chain,
@@ -42,6 +44,20 @@ def counter_graph(saver: Any, *, ask: bool = False) -> Any:
         return count_messages(state)
 
     return one_node(reply).compile(checkpointer=saver)
+
+
+def outage_after_one_turn() -> tuple[InMemorySaver, Any, Latest, InMemorySaver, Snapshot]:
+    """A conversation's first turn on a "database" saver (recorded), then the memory saver of
+    an outage seeded from it: (database saver, its graph, the remembered latest, memory, the
+    seeded writes)."""
+    latest = LatestCheckpoints(10)
+    db_saver = InMemorySaver()
+    database = counter_graph(RecordingSaver(db_saver, latest))
+    database.invoke({"messages": ["one"]}, config("t"))
+    found = latest.lookup("t")[1]
+    assert found is not None
+    memory = InMemorySaver()
+    return db_saver, database, found, memory, seed(memory, found)
 
 
 def write_back(saver: Any, steps: list[Step]) -> None:
@@ -93,13 +109,7 @@ def test_the_latest_checkpoints_are_bounded_least_recently_used_first() -> None:
 
 
 def test_a_memory_saver_seeded_from_the_latest_checkpoint_continues_the_conversation() -> None:
-    latest = LatestCheckpoints(10)
-    database = counter_graph(RecordingSaver(InMemorySaver(), latest))
-    database.invoke({"messages": ["one"]}, config("t"))
-    memory = InMemorySaver()
-    found = latest.lookup("t")[1]
-    assert found is not None
-    seed(memory, found)
+    memory = outage_after_one_turn()[3]
     outage = counter_graph(memory)
     result = outage.invoke({"messages": ["two"]}, config("t"))
     assert result["messages"][-1].text == "3 messages"
@@ -121,15 +131,8 @@ def test_an_interrupted_thread_is_seeded_with_its_pending_interrupt() -> None:
 
 
 def test_replaying_a_memory_run_rebuilds_the_history_once() -> None:
-    latest = LatestCheckpoints(10)
-    db_saver = InMemorySaver()
-    database = counter_graph(RecordingSaver(db_saver, latest))
-    database.invoke({"messages": ["one"]}, config("t"))
-    found = latest.lookup("t")[1]
-    assert found is not None
+    db_saver, database, found, memory, seeded = outage_after_one_turn()
     base = found.checkpoint["id"]
-    memory = InMemorySaver()
-    seeded = seed(memory, found)
     outage = counter_graph(memory)
     outage.invoke({"messages": ["two"]}, config("t"))
     outage.invoke({"messages": ["three"]}, config("t"))
@@ -152,14 +155,7 @@ def test_replaying_a_memory_run_rebuilds_the_history_once() -> None:
 
 
 def test_a_run_that_does_not_continue_the_head_is_copied_whole_to_another_thread() -> None:
-    latest = LatestCheckpoints(10)
-    db_saver = InMemorySaver()
-    database = counter_graph(RecordingSaver(db_saver, latest))
-    database.invoke({"messages": ["one"]}, config("t"))
-    found = latest.lookup("t")[1]
-    assert found is not None
-    memory = InMemorySaver()
-    seeded = seed(memory, found)
+    db_saver, database, found, memory, seeded = outage_after_one_turn()
     counter_graph(memory).invoke({"messages": ["outage"]}, config("t"))
     database.invoke({"messages": ["elsewhere"]}, config("t"))  # the thread moved on
     chain = memory_chain(memory, "t")
