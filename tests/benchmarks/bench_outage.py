@@ -80,16 +80,17 @@ def run(url: str, quick: bool) -> list[Row]:
         # The baseline: the same checkpoints, written with LangGraph's saver directly.
         plan = []
         for thread in p.journal.threads():
-            base = p.journal.base(thread)[1]
-            plan += replay_steps(memory_chain(memory, thread), thread, base, into=str(uuid.uuid4()))
+            _, base, seeded = p.journal.base(thread)
+            chain = memory_chain(memory, thread)
+            plan += replay_steps(memory, chain, thread, base, seeded, into=str(uuid.uuid4()))
         proxy.pass_()
         time.sleep(0.6)  # past reconnect_interval: the database is tried again
         saver = p.sync()
         start = time.perf_counter()
         for step in plan:
             saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
-            for task_id, writes in step.writes:
-                saver.put_writes(step.config, writes, task_id)
+            for task_id, path, writes in step.writes:
+                saver.put_writes(step.config, writes, task_id, path)
         raw_s = time.perf_counter() - start
         start = time.perf_counter()
         written = agent.replay_journal()
