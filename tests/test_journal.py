@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from faults import count_messages, one_node
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from langchain_core.messages import AIMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import MessagesState
@@ -296,3 +298,48 @@ def test_a_store_write_the_database_refuses_does_not_hold_back_the_others(pg_url
             store.delete(ns, item.key)
     finally:
         p.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    before=st.integers(min_value=0, max_value=3),
+    during=st.integers(min_value=0, max_value=3),
+    moved_on=st.booleans(),
+    remembered=st.booleans(),
+)
+def test_writing_back_any_outage_keeps_every_message_once(
+    before: int, during: int, moved_on: bool, remembered: bool
+) -> None:
+    """Whatever happened before and during the outage, the database ends with the thread's
+    own history once, and the outage run either continues it or sits whole in a copy."""
+    latest = LatestCheckpoints(10 if remembered else 0)
+    db_saver = InMemorySaver()
+    database = counter_graph(RecordingSaver(db_saver, latest))
+    for n in range(before):
+        database.invoke({"messages": [f"before {n}"]}, config("t"))
+    found = latest.lookup("t")[1]
+    memory = InMemorySaver()
+    seeded = seed(memory, found) if found is not None else {}
+    base = found.checkpoint["id"] if found is not None else None
+    outage = counter_graph(memory)
+    for n in range(during):
+        outage.invoke({"messages": [f"during {n}"]}, config("t"))
+    if moved_on:
+        database.invoke({"messages": ["elsewhere"]}, config("t"))
+    chain = memory_chain(memory, "t")
+    head = db_saver.get_tuple(config("t"))
+    steps = replay_steps(memory, chain, "t", base, seeded)
+    if not steps:  # nothing ran during the outage: nothing to write
+        assert during == 0
+        return
+    same = continues(None if head is None else head.checkpoint["id"], base, chain)
+    # It continues exactly when nothing else happened to the thread it started from.
+    assert same == (not moved_on and (found is not None or before == 0))
+    into = None if same else "copy"
+    for _ in range(2):  # twice: a retried write-back changes nothing
+        write_back(db_saver, replay_steps(memory, chain, "t", base, seeded, into))
+    kept = texts(database, into or "t")
+    assert kept == texts(outage, "t")
+    assert len(kept) == len(set(kept))
+    if into is not None:  # the thread itself is untouched by the outage
+        assert not any(m.startswith("during") for m in texts(database, "t"))
