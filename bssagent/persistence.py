@@ -67,6 +67,17 @@ def _require_pgvector(found: object) -> None:
         )
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether a store write failed for what it is, so that it would fail again: a value
+    PostgreSQL cannot take (SQLSTATE classes 22 data, 23 integrity, 42 syntax/access rule) or
+    one that does not serialize. A timeout, a lock or a lost connection would not."""
+    cause = exc.__cause__ if isinstance(exc, StorageError) else exc
+    if isinstance(cause, TypeError | ValueError | UnicodeError):
+        return True
+    state = getattr(cause, "sqlstate", None)
+    return isinstance(state, str) and state[:2] in ("22", "23", "42")
+
+
 class _LoopEntry:
     """What one event loop holds open on PostgreSQL: a pool, and the saver and store on it."""
 
@@ -410,7 +421,9 @@ class Persistence:
         if found is None:
             return self._outage_store()
         if self.journal.has_ops:
-            await self._areplay_ops(found)  # type: ignore[arg-type]
+            # Through the sync store, in a worker thread: LangGraph's async store would need
+            # this event loop, which a sync store call on it could be blocking meanwhile.
+            await asyncio.to_thread(self.store)
         return found  # type: ignore[return-value]
 
     async def _async_postgres(self, kind: str) -> Saver | BaseStore | None:
@@ -478,31 +491,59 @@ class Persistence:
         return made if inner is None else RecordingSaver(inner, self.latest)
 
     @contextmanager
-    def errors(self) -> Iterator[None]:
-        """Translate the database driver's errors raised by a saver or store into
-        :class:`~bssagent.errors.StorageError` (``StorageUnavailableError`` when the server
-        cannot be reached), the original chained."""
+    def _translated(self) -> Iterator[None]:
         if self.target.backend == "postgres":
-            from psycopg_pool import PoolTimeout
-
             from .sessions.storage.postgres_common import wrap_errors
 
-            try:
-                with wrap_errors():
-                    yield
-            except StorageError as exc:
-                timeout = exc.__cause__
-                # A pool timeout: a full pool, or a server gone (its connections are dead)?
-                if isinstance(timeout, PoolTimeout) and not self.reachable():
-                    raise StorageUnavailableError(
-                        "postgres unavailable (PoolTimeout; the server does not answer)"
-                    ) from timeout
-                raise
+            with wrap_errors():
+                yield
             return
         try:
             yield
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite error ({type(exc).__name__})") from exc
+
+    @staticmethod
+    def _pool_timeout(exc: StorageError) -> BaseException | None:
+        """The pool timeout behind ``exc``: a full pool, or a server gone (its connections
+        are dead)? A direct probe tells (:meth:`reachable`)."""
+        from psycopg_pool import PoolTimeout
+
+        return exc.__cause__ if isinstance(exc.__cause__, PoolTimeout) else None
+
+    @staticmethod
+    def _gone(timeout: BaseException) -> StorageUnavailableError:
+        lost = StorageUnavailableError("postgres unavailable (PoolTimeout; no server answers)")
+        lost.__cause__ = timeout
+        return lost
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Translate the database driver's errors raised by a saver or store into
+        :class:`~bssagent.errors.StorageError` (``StorageUnavailableError`` when the server
+        cannot be reached), the original chained. (:meth:`aerrors` in async code: telling a
+        full pool from a dead server takes a connection attempt.)"""
+        try:
+            with self._translated():
+                yield
+        except StorageError as exc:
+            timeout = self._pool_timeout(exc)
+            if timeout is not None and not self.reachable():
+                raise self._gone(timeout) from timeout
+            raise
+
+    @asynccontextmanager
+    async def aerrors(self) -> AsyncIterator[None]:
+        """:meth:`errors` for async code: the probe runs in a worker thread, not on the
+        event loop."""
+        try:
+            with self._translated():
+                yield
+        except StorageError as exc:
+            timeout = self._pool_timeout(exc)
+            if timeout is not None and not await asyncio.to_thread(self.reachable):
+                raise self._gone(timeout) from timeout
+            raise
 
     # -- conversations through an outage (PostgreSQL; see bssagent.journal) ----------------
 
@@ -579,17 +620,19 @@ class Persistence:
         """
         if not self.journal.base(thread)[0] or self.is_outage_saver(saver):
             return False
-        head = saver.get_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
+        with self.errors():
+            head = saver.get_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
         steps, same = self._plan(thread, head)
         target = None
         if steps and not same:
             target = self.journal.target(thread, new_thread)
             steps = self._copy(thread, target)
-        for step in steps:
-            if step.put:
-                saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
-            for task_id, path, writes in step.writes:
-                saver.put_writes(step.config, writes, task_id, path)
+        with self.errors():
+            for step in steps:
+                if step.put:
+                    saver.put(step.parent, step.checkpoint, step.metadata, step.versions)
+                for task_id, path, writes in step.writes:
+                    saver.put_writes(step.config, writes, task_id, path)
         self._replayed(thread, steps, target)
         return True
 
@@ -599,17 +642,20 @@ class Persistence:
         """Async :meth:`replay_thread`."""
         if not self.journal.base(thread)[0] or self.is_outage_saver(saver):
             return False
-        head = await saver.aget_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
+        async with self.aerrors():
+            head = await saver.aget_tuple({"configurable": {"thread_id": thread,
+                                                            "checkpoint_ns": ""}})  # fmt: skip
         steps, same = self._plan(thread, head)
         target = None
         if steps and not same:
             target = await self.journal.atarget(thread, new_thread)
             steps = self._copy(thread, target)
-        for step in steps:
-            if step.put:
-                await saver.aput(step.parent, step.checkpoint, step.metadata, step.versions)
-            for task_id, path, writes in step.writes:
-                await saver.aput_writes(step.config, writes, task_id, path)
+        async with self.aerrors():
+            for step in steps:
+                if step.put:
+                    await saver.aput(step.parent, step.checkpoint, step.metadata, step.versions)
+                for task_id, path, writes in step.writes:
+                    await saver.aput_writes(step.config, writes, task_id, path)
         self._replayed(thread, steps, target)
         return True
 
@@ -621,17 +667,17 @@ class Persistence:
             self.journal.done(thread)
 
     def _replay_ops(self, store: BaseStore) -> None:
-        """Write the store writes journaled during an outage to the database's ``store``
-        (sync calls; LangGraph's async stores take them from other threads too), in order,
-        one write-back at a time, so no store call lands between journaled writes and
-        their write-back.
+        """Write the store writes journaled during an outage to the database's sync
+        ``store``, in order, one write-back at a time (no store call lands between journaled
+        writes and their write-back).
 
-        A write the database refuses (a value PostgreSQL cannot store, say) is dropped,
-        logged and counted, so it cannot hold back the others; when the database goes away
-        again, what is left stays journaled.
+        A write the database refuses for what it is (a NUL character PostgreSQL cannot
+        store, a value that is not JSON) is dropped, logged and counted, so it cannot hold
+        back the others; any other failure stops the write-back and keeps the rest journaled
+        for the next store call.
 
         Raises:
-            StorageUnavailableError: The database went away again.
+            StorageError: The write-back stopped (the database went away, a lock timed out).
         """
         with self._ops_lock:
             ops = self.journal.peek_ops()
@@ -641,10 +687,10 @@ class Persistence:
                 with self.errors():
                     store.batch(ops)
                 rejected = 0
-            except StorageUnavailableError:
-                raise
-            except Exception:  # one of them is refused: find which, write the others
-                rejected = self._one_by_one(store, ops)
+            except Exception as exc:
+                if not _refused(exc):
+                    raise
+                rejected = self._one_by_one(store, ops)  # find which, write the others
             self.journal.drop_ops(len(ops))
         self._ops_replayed(len(ops) - rejected, rejected)
 
@@ -654,10 +700,10 @@ class Persistence:
             try:
                 with self.errors():
                     store.batch([op])
-            except StorageUnavailableError:
-                self.journal.drop_ops(done)
-                raise
             except Exception as exc:
+                if not _refused(exc):
+                    self.journal.drop_ops(done)
+                    raise
                 rejected += 1
                 logger.warning(
                     "bssagent: a store write made during the outage was refused by the "
@@ -665,9 +711,6 @@ class Persistence:
                     extra=observe.log_fields("rejected", component="store"),
                 )  # fmt: skip
         return rejected
-
-    async def _areplay_ops(self, store: BaseStore) -> None:
-        await asyncio.to_thread(self._replay_ops, store)
 
     def _ops_replayed(self, written: int, rejected: int) -> None:
         observe.journal("store", "replayed", written)

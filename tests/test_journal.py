@@ -343,3 +343,28 @@ def test_writing_back_any_outage_keeps_every_message_once(
     assert len(kept) == len(set(kept))
     if into is not None:  # the thread itself is untouched by the outage
         assert not any(m.startswith("during") for m in texts(database, "t"))
+
+
+@pytest.mark.postgres
+def test_a_store_write_back_that_fails_for_a_passing_reason_keeps_the_journal(
+    pg_url: str,
+) -> None:
+    """A busy pool (the server answers) is no reason to drop journaled writes."""
+    from psycopg_pool import PoolTimeout
+
+    from bssagent import Settings, StorageError
+    from bssagent.persistence import Persistence
+
+    class BusyStore(InMemoryStore):
+        def batch(self, ops: Any) -> Any:
+            raise PoolTimeout("couldn't get a connection after 2.00 sec")
+
+    p = Persistence(Settings(database_url=pg_url))
+    try:
+        p.journal.add_ops([PutOp(("n",), "a", {"v": 1}), PutOp(("n",), "b", {"v": 2})])
+        with pytest.raises(StorageError) as raised:
+            p._replay_ops(BusyStore())
+        assert not isinstance(raised.value, StorageUnavailableError)  # the server answers
+        assert [op.key for op in p.journal.peek_ops()] == ["a", "b"]
+    finally:
+        p.close()

@@ -168,8 +168,8 @@ async def test_without_notifications_staleness_is_bounded_by_the_ttl(
 
 def test_an_async_manager_serves_one_event_loop_after_another(pg_url: str, table_name: str) -> None:
     """``asyncio.run`` three times with one async manager: each loop gets its own pool and
-    change feed (another replica's change reaches the cache every time), and close() works
-    from yet another loop."""
+    change feed (another replica's change reaches the cache every time), the pool ends with
+    its loop, and close() works from yet another loop."""
     from bssagent import AgentSessionManager, AsyncAgentSessionManager
 
     m = AsyncAgentSessionManager(database_url=pg_url, table_name=table_name)
@@ -186,6 +186,8 @@ def test_an_async_manager_serves_one_event_loop_after_another(pg_url: str, table
     try:
         for _ in range(3):
             asyncio.run(replaced_session_is_seen())
+            # The loop's pool went with the loop (closed, and nothing here keeps it).
+            assert not m.store._pools._values
         asyncio.run(m.close())
     finally:
         other.close()

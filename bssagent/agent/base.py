@@ -626,8 +626,7 @@ class BaseAgent(abc.ABC):
         limit, say, when its outage run had to go to a new session) does not fail the run:
         the write-back stays journaled and is retried."""
         try:
-            with self._persistence.errors():
-                yield
+            yield
         except StorageUnavailableError:
             raise
         except BssAgentError as exc:
@@ -698,8 +697,7 @@ class BaseAgent(abc.ABC):
                         p.forget(thread)
                         continue
                     merge = lambda: self._amerge_target(thread)  # noqa: B023, E731
-                    with p.errors():
-                        done += await p.areplay_thread(saver, thread, merge)
+                    done += await p.areplay_thread(saver, thread, merge)
             except ThreadBusyError:
                 continue
         if p.journal.has_ops:

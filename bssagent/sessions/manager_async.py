@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio  # sync: import threading
+import asyncio  # sync-drop
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -56,7 +57,7 @@ from .model import SessionEvent, SessionStats, UserSession
 from .storage.base import AsyncSessionStore
 from .storage.memory import MemoryStore
 from .storage.offload import AsyncOffloaded  # sync-drop
-from .storage.slots import cancel  # sync-drop
+from .storage.slots import AsyncSlot, cancel  # sync: from .storage.slots import Slot
 from .storage.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -173,7 +174,8 @@ class AsyncAgentSessionManager:
         self._feed_runner: Any = None
         # sync-only: self._wake = threading.Event()
         self._ready = False
-        self._setup_lock = asyncio.Lock()  # sync: self._setup_lock = threading.Lock()
+        self._setup_locks: AsyncSlot[None] = AsyncSlot()  # the set-up lock (async: per loop)
+        self._tasks_lock = threading.RLock()  # starting the feed and cleaner, from any loop
         # sync-only: self._deadlines = Deadlines(resolved.pool_max_size + 2)
         self._closed = False
 
@@ -308,13 +310,15 @@ class AsyncAgentSessionManager:
         return await self._call(primary, fallback)
 
     async def _setup(self) -> None:
-        async with self._setup_lock:
+        async with self._setup_locks.lock():
             if not self._ready:
-                await self._store.setup()
-                self._ready = True
-                self._follow_changes()
-                if self.settings.cleanup_interval is not None:
-                    self.start_cleaner()
+                await self._store.setup()  # under the database's migration lock
+                with self._tasks_lock:
+                    if not self._ready:
+                        self._ready = True
+                        self._follow_changes()
+                        if self.settings.cleanup_interval is not None:
+                            self.start_cleaner()
 
     def _follow_changes(self) -> None:
         """Start the change feed: other processes' changes reach this cache in milliseconds
@@ -371,13 +375,15 @@ class AsyncAgentSessionManager:
     def _restart_orphans(self) -> None:  # sync-drop
         # Background tasks die with the loop they ran on (asyncio.run twice, a loop  # sync-drop
         # per test): the change feed and the cleaner start again on this one.  # sync-drop
-        feed, cleaner = self._feed_runner, self._cleaner  # sync-drop
-        if feed is not None and self._feed is not None and feed.get_loop().is_closed():  # sync-drop
-            self._feed.stop()  # sync-drop
-            self._follow_changes()  # sync-drop
-        if cleaner is not None and cleaner.get_loop().is_closed():  # sync-drop
-            self._cleaner = None  # sync-drop
-            self.start_cleaner(self._cleaner_every)  # sync-drop
+        with self._tasks_lock:  # sync-drop
+            feed, cleaner = self._feed_runner, self._cleaner  # sync-drop
+            orphaned = feed is not None and feed.get_loop().is_closed()  # sync-drop
+            if orphaned and self._feed is not None:  # sync-drop
+                self._feed.stop()  # sync-drop
+                self._follow_changes()  # sync-drop
+            if cleaner is not None and cleaner.get_loop().is_closed():  # sync-drop
+                self._cleaner = None  # sync-drop
+                self.start_cleaner(self._cleaner_every)  # sync-drop
 
     def _new_thread_id(self) -> str:
         return str(uuid.uuid4())
@@ -908,7 +914,7 @@ class AsyncAgentSessionManager:
 
     async def _stored(self, ops: list[Op], root: Namespace) -> list[Any]:
         store = self._memory(root)
-        with self._persistence.errors():
+        async with self._persistence.aerrors():  # sync: with self._persistence.errors():
             return await store.abatch(ops)  # sync: return store.batch(ops)
 
     async def _thread_owner(self, thread_id: str) -> str | None:
@@ -1132,7 +1138,9 @@ class AsyncAgentSessionManager:
         """Run :meth:`run_maintenance` every ``interval`` seconds (default: the
         ``cleanup_interval`` setting) in the background until :meth:`close`."""
         every = validation.duration(interval or self.settings.cleanup_interval or 60.0)
-        if self._cleaner is None and not self._closed:
+        with self._tasks_lock:
+            if self._cleaner is not None or self._closed:
+                return
             self._cleaner_every = every
             # sync-only: self._cleaner = spawn_thread(self._clean_forever, every)
             self._cleaner = asyncio.create_task(self._clean_forever(every))  # sync-drop

@@ -55,6 +55,7 @@ from .manager_base import (
 from .model import SessionEvent, SessionStats, UserSession
 from .storage.base import SessionStore
 from .storage.memory import MemoryStore
+from .storage.slots import Slot
 from .storage.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -171,7 +172,8 @@ class AgentSessionManager:
         self._feed_runner: Any = None
         self._wake = threading.Event()
         self._ready = False
-        self._setup_lock = threading.Lock()
+        self._setup_locks: Slot[None] = Slot()  # the set-up lock (async: per loop)
+        self._tasks_lock = threading.RLock()  # starting the feed and cleaner, from any loop
         self._deadlines = Deadlines(resolved.pool_max_size + 2)
         self._closed = False
 
@@ -304,13 +306,15 @@ class AgentSessionManager:
         return self._call(primary, fallback)
 
     def _setup(self) -> None:
-        with self._setup_lock:
+        with self._setup_locks.lock():
             if not self._ready:
-                self._store.setup()
-                self._ready = True
-                self._follow_changes()
-                if self.settings.cleanup_interval is not None:
-                    self.start_cleaner()
+                self._store.setup()  # under the database's migration lock
+                with self._tasks_lock:
+                    if not self._ready:
+                        self._ready = True
+                        self._follow_changes()
+                        if self.settings.cleanup_interval is not None:
+                            self.start_cleaner()
 
     def _follow_changes(self) -> None:
         """Start the change feed: other processes' changes reach this cache in milliseconds
@@ -1107,7 +1111,9 @@ class AgentSessionManager:
         """Run :meth:`run_maintenance` every ``interval`` seconds (default: the
         ``cleanup_interval`` setting) in the background until :meth:`close`."""
         every = validation.duration(interval or self.settings.cleanup_interval or 60.0)
-        if self._cleaner is None and not self._closed:
+        with self._tasks_lock:
+            if self._cleaner is not None or self._closed:
+                return
             self._cleaner_every = every
             self._cleaner = spawn_thread(self._clean_forever, every)
 

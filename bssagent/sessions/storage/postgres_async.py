@@ -167,7 +167,9 @@ class AsyncPostgresStore:
         self.origin = uuid.uuid4().hex
         """Marks this store's writes in change notifications (see :class:`AsyncChangeFeed`)."""
         # One pool per event loop (the sync twin: one): see slots.py.
-        self._pools: AsyncSlot[AsyncConnectionPool[AsyncConnection[DictRow]]] = AsyncSlot()
+        self._pools: AsyncSlot[AsyncConnectionPool[AsyncConnection[DictRow]]] = AsyncSlot(
+            close=lambda pool: pool.close()
+        )
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -168,7 +168,9 @@ class PostgresStore:
         self.origin = uuid.uuid4().hex
         """Marks this store's writes in change notifications (see :class:`ChangeFeed`)."""
         # One pool per event loop (the sync twin: one): see slots.py.
-        self._pools: Slot[ConnectionPool[Connection[DictRow]]] = Slot()
+        self._pools: Slot[ConnectionPool[Connection[DictRow]]] = Slot(
+            close=lambda pool: pool.close()
+        )
 
     # -- plumbing -------------------------------------------------------------------------
 

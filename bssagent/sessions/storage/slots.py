@@ -3,27 +3,39 @@ the sync twin (the code generator turns ``AsyncSlot`` into ``Slot``).
 
 An asyncio pool belongs to the loop it was opened on: its connections and background tasks
 die with that loop. An async manager used from a second loop (``asyncio.run`` twice, a test
-framework with a loop per test) gets a pool of its own there instead of one it cannot use.
+framework with a loop per test) gets a pool of its own there instead of one it cannot use,
+and each loop's pool is closed when that loop ends (``asyncio.run`` cancels the tasks left on
+it, and a guard task closes the pool then).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class AsyncSlot(Generic[T]):
-    """A value, and a lock guarding its creation, per running event loop."""
+    """A value, and a lock guarding its creation, per running event loop.
 
-    def __init__(self) -> None:
+    Args:
+        close: Awaited on a loop's value when that loop ends with the value still set.
+    """
+
+    def __init__(self, close: Callable[[T], Awaitable[Any]] | None = None) -> None:
+        self._close = close
         self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
             weakref.WeakKeyDictionary()
         )
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._guards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -31,19 +43,43 @@ class AsyncSlot(Generic[T]):
         return self._values.get(asyncio.get_running_loop())
 
     def set(self, value: T) -> None:
-        self._values[asyncio.get_running_loop()] = value
+        loop = asyncio.get_running_loop()
+        self._values[loop] = value
+        if self._close is not None:
+            self._guards[loop] = loop.create_task(self._closed_with_loop(loop, value))
+
+    async def _closed_with_loop(self, loop: asyncio.AbstractEventLoop, value: T) -> None:
+        try:
+            await loop.create_future()  # never set: waits for the loop's end
+        except asyncio.CancelledError:
+            if self._values.get(loop) is not value:
+                raise  # popped (and closed) by its owner
+            # The loop is ending: forget it, so that nothing here keeps it (and the value)
+            # alive, then close the value. What cannot be closed any more (a pool whose
+            # workers were cancelled with the loop's other tasks) is closed when collected.
+            for held in (self._values, self._guards, self._locks):
+                held.pop(loop, None)
+            if self._close is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._close(value)
+            raise
 
     def pop(self) -> T | None:
-        return self._values.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        guard = self._guards.pop(loop, None)
+        if guard is not None:
+            guard.cancel()
+        return self._values.pop(loop, None)
 
     def lock(self) -> asyncio.Lock:
         return self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
 class Slot(Generic[T]):
-    """A value, and a lock guarding its creation (the sync twin of :class:`AsyncSlot`)."""
+    """A value, and a lock guarding its creation (the sync twin of :class:`AsyncSlot`;
+    ``close`` is for the async one's loops and unused here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, close: Callable[[T], Any] | None = None) -> None:
         self._value: T | None = None
         self._lock = threading.Lock()
 
@@ -76,4 +112,5 @@ def cancel(task: asyncio.Task[object] | None) -> None:
     if loop is running:
         task.cancel()
     else:
-        loop.call_soon_threadsafe(task.cancel)
+        with contextlib.suppress(RuntimeError):  # the loop closed since: the task died with it
+            loop.call_soon_threadsafe(task.cancel)
