@@ -49,6 +49,7 @@ from .journal import (
     replay_steps,
     seed,
 )
+from .sessions.storage.slots import cancel, on_loop_end
 
 logger = logging.getLogger("bssagent.agent")
 
@@ -86,6 +87,7 @@ class _LoopEntry:
         self.saver: Saver | None = None
         self.store: BaseStore | None = None
         self.stale = False  # the database went away since: reopen before the next use
+        self.guard: asyncio.Task[None] | None = None  # closes the pool when the loop ends
 
 
 class Persistence:
@@ -437,6 +439,7 @@ class Persistence:
             entry = self._async.get(loop)
             if entry is not None and entry.stale:
                 del self._async[loop]
+                cancel(entry.guard)
                 old = entry.pool
                 self._retired_async.setdefault(loop, []).append(old)
                 loop.call_later(_RETIRE_AFTER, lambda: loop.create_task(self._aclose_retired(old)))
@@ -444,6 +447,8 @@ class Persistence:
             try:
                 if entry is None:
                     entry = self._async[loop] = _LoopEntry(await self._open_async_pool())
+                    opened = entry
+                    entry.guard = on_loop_end(lambda: self._loop_ended(loop, opened))
                 if getattr(entry, kind) is None:
                     setattr(entry, kind, await self._new_async(entry.pool, kind))
             except StorageUnavailableError as exc:
@@ -789,10 +794,22 @@ class Persistence:
             retired.remove(pool)
             await pool.close()
 
+    async def _loop_ended(self, loop: asyncio.AbstractEventLoop, entry: _LoopEntry) -> None:
+        """``loop`` ended without :meth:`aclose`: forget it (its entries reference it, so
+        nothing else would let it go) and close its pools."""
+        if self._async.get(loop) is not entry:
+            return
+        del self._async[loop]
+        self._loop_locks.pop(loop, None)
+        for pool in [*self._retired_async.pop(loop, []), entry.pool]:
+            await pool.close()
+
     async def aclose(self) -> None:
         """Close the running loop's async saver and store, then the sync ones. Idempotent."""
         loop = asyncio.get_running_loop()
         entry = self._async.pop(loop, None)
+        if entry is not None:
+            cancel(entry.guard)
         for pool in [*self._retired_async.pop(loop, []), *([entry.pool] if entry else [])]:
             await pool.close()
         self.close()

@@ -1035,6 +1035,13 @@ async def test_cleanup_rejects_a_bad_idle_time(
         assert info.value.field == "max_idle_seconds"
 
 
+async def test_an_idle_time_longer_than_the_calendar_expires_nothing(mgr: Manager) -> None:
+    """Hypothesis found it: 2,000 years before now is before year 1 (OverflowError)."""
+    await mgr.get_or_create_user_session("alice")
+    assert await mgr.count_inactive_sessions(63_931_509_673) == 0
+    assert await mgr.cleanup_inactive_sessions(999_999_999_999) == 0
+
+
 # -- limits ----------------------------------------------------------------------------------
 
 

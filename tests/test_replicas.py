@@ -191,3 +191,26 @@ def test_an_async_manager_serves_one_event_loop_after_another(pg_url: str, table
         asyncio.run(m.close())
     finally:
         other.close()
+
+
+def test_an_async_agent_serves_one_event_loop_after_another(pg_url: str, table_name: str) -> None:
+    """The agent's savers, stores and run locks are per event loop too: a conversation goes
+    on across ``asyncio.run`` calls, and each loop's pools end with it."""
+    from faults import Counter
+
+    from bssagent import AsyncAgentSessionManager
+
+    agent = Counter(session_manager=AsyncAgentSessionManager(database_url=pg_url,
+                                                             table_name=table_name))  # fmt: skip
+
+    async def turn(text: str) -> str:
+        result = await agent.ainvoke({"messages": [text]}, user_id="alice")
+        return str(result["messages"][-1].text)
+
+    replies = []
+    for n in range(3):
+        replies.append(asyncio.run(turn(f"turn {n}")))
+        assert not agent._persistence._async  # this loop's saver pool went with it
+        assert not agent._locks._pools._values  # and its run-lock pool
+    assert replies == ["1 messages", "3 messages", "5 messages"]
+    asyncio.run(agent.aclose())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import (
     AbstractContextManager,
@@ -29,6 +28,7 @@ from typing import Any, Literal
 
 from ..config import Settings, resolve_target
 from ..errors import StorageUnavailableError, ThreadBusyError
+from ..sessions.storage.slots import AsyncSlot
 
 RunStrategy = Literal["enqueue", "reject"]
 _TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('bssagent-run:' || %s, 0)) AS ok"
@@ -130,9 +130,8 @@ class RunLocks:
         self._pool_size = pool_size
         self._local = _LocalLocks()
         self._sync_pool: Any = None
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-            weakref.WeakKeyDictionary()
-        )
+        # One pool per event loop, closed when its loop ends (see sessions/storage/slots.py).
+        self._pools: AsyncSlot[Any] = AsyncSlot(close=lambda pool: pool.close())
         self._guard = threading.Lock()
         self._down_until = 0.0
 
@@ -278,14 +277,15 @@ class RunLocks:
     async def _async_lock_pool(self) -> Any:
         from ..sessions.storage.postgres_async import open_pool
 
-        loop = asyncio.get_running_loop()
-        pool = self._pools.get(loop)
+        pool = self._pools.get()
         if pool is None:
             opened = await open_pool(self._target.url or "", **self._pool_args())
             # Another task of this loop may have opened one meanwhile: keep the first.
-            pool = self._pools.setdefault(loop, opened)
-            if pool is not opened:
-                await opened.close()
+            pool = self._pools.get()
+            if pool is None:
+                self._pools.set(opened)
+                return opened
+            await opened.close()
         return pool
 
     def close(self) -> None:
@@ -297,7 +297,7 @@ class RunLocks:
 
     async def aclose(self) -> None:
         """Close the running loop's lock pool, then the sync one. Idempotent."""
-        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        pool = self._pools.pop()
         if pool is not None:
             await pool.close()
         await asyncio.to_thread(self.close)

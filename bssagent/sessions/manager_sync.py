@@ -734,7 +734,10 @@ class AgentSessionManager:
         if idle is None:
             raise InvalidInputError("max_idle_seconds", "required when session_timeout is off")
         seconds = validation.duration(idle, field="max_idle_seconds")
-        return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        try:
+            return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        except OverflowError:  # idle since before year 1: nothing can be
+            return datetime.min.replace(tzinfo=timezone.utc)
 
     def count_inactive_sessions(self, max_idle_seconds: float | None = None) -> int:
         """How many open sessions :meth:`cleanup_inactive_sessions` would expire now (a dry

@@ -46,23 +46,16 @@ class AsyncSlot(Generic[T]):
         loop = asyncio.get_running_loop()
         self._values[loop] = value
         if self._close is not None:
-            self._guards[loop] = loop.create_task(self._closed_with_loop(loop, value))
+            self._guards[loop] = on_loop_end(lambda: self._loop_ended(loop, value))
 
-    async def _closed_with_loop(self, loop: asyncio.AbstractEventLoop, value: T) -> None:
-        try:
-            await loop.create_future()  # never set: waits for the loop's end
-        except asyncio.CancelledError:
-            if self._values.get(loop) is not value:
-                raise  # popped (and closed) by its owner
-            # The loop is ending: forget it, so that nothing here keeps it (and the value)
-            # alive, then close the value. What cannot be closed any more (a pool whose
-            # workers were cancelled with the loop's other tasks) is closed when collected.
-            for held in (self._values, self._guards, self._locks):
-                held.pop(loop, None)
-            if self._close is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._close(value)
-            raise
+    async def _loop_ended(self, loop: asyncio.AbstractEventLoop, value: T) -> None:
+        if self._values.get(loop) is not value:
+            return  # popped (and closed) by its owner
+        # Forget the loop: values referencing it would keep it (and themselves) alive.
+        for held in (self._values, self._guards, self._locks):
+            held.pop(loop, None)
+        if self._close is not None:
+            await self._close(value)
 
     def pop(self) -> T | None:
         loop = asyncio.get_running_loop()
@@ -95,6 +88,23 @@ class Slot(Generic[T]):
 
     def lock(self) -> threading.Lock:
         return self._lock
+
+
+def on_loop_end(callback: Callable[[], Awaitable[Any]]) -> asyncio.Task[None]:
+    """Await ``callback`` when the running loop ends (``asyncio.run`` cancels the tasks left
+    on it), or when the returned task is cancelled: the callback must tell the two apart
+    (its owner forgets what it cleaned up before cancelling). What the callback cannot close
+    any more (a pool whose workers were cancelled with the loop) is closed on collection."""
+
+    async def guard() -> None:
+        try:
+            await asyncio.get_running_loop().create_future()  # never set
+        except asyncio.CancelledError:
+            with contextlib.suppress(asyncio.CancelledError):
+                await callback()
+            raise
+
+    return asyncio.get_running_loop().create_task(guard())
 
 
 def cancel(task: asyncio.Task[object] | None) -> None:
