@@ -1,5 +1,7 @@
-"""Where the PostgreSQL store keeps its pool: one per event loop for the async store, one for
-the sync twin (the code generator turns ``AsyncSlot`` into ``Slot``).
+"""Per-event-loop state: the PostgreSQL session store keeps its pool in a slot (one per loop
+for the async store, one for the sync twin: the code generator turns ``AsyncSlot`` into
+``Slot``), the agent's run locks theirs, and ``Persistence`` closes its per-loop pools with
+:func:`on_loop_end`.
 
 An asyncio pool belongs to the loop it was opened on: its connections and background tasks
 die with that loop. An async manager used from a second loop (``asyncio.run`` twice, a test
