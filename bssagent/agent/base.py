@@ -529,10 +529,15 @@ class BaseAgent(abc.ABC):
         kind = type(cause).__name__
         lost = StorageUnavailableError(f"postgres unavailable during the run ({kind})")
         lost.__cause__ = cause
+        self._mark_down(lost)
+        return lost
+
+    def _mark_down(self, exc: StorageUnavailableError) -> None:
+        """Savers, stores and run locks go to memory for ``reconnect_interval`` (with
+        ``fallback="memory"``; the other modes keep failing typed on their own)."""
         for component in (self._persistence, self._locks):
             with suppress(StorageUnavailableError):
-                component.outage(lost)
-        return lost
+                component.outage(exc)
 
     @contextmanager
     def _typed(self, graph: Pregel[Any, Any, Any, Any]) -> Iterator[None]:
@@ -552,10 +557,7 @@ class BaseAgent(abc.ABC):
         down), runs do too: a saver opened before the outage would only fail."""
         managers = (self._sm, self._asm)
         if self._own_saver is None and any(m is not None and m.is_degraded for m in managers):
-            down = StorageUnavailableError("the session registry found the database down")
-            for component in (self._persistence, self._locks):
-                with suppress(StorageUnavailableError):
-                    component.outage(down)
+            self._mark_down(StorageUnavailableError("the session registry found the database down"))
 
     @contextmanager
     def _held(self, thread: str, strategy: RunStrategy) -> Iterator[None]:

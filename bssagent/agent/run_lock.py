@@ -146,18 +146,17 @@ class RunLocks:
         s = self._settings
         return connection_kwargs(s.connect_timeout, s.prepare_threshold)
 
-    def _unavailable(self, exc: StorageUnavailableError) -> None:
-        if self._settings.fallback != "memory":  # no runs without the database's locks
-            raise exc
-        self._down_until = time.monotonic() + self._settings.reconnect_interval
-
     def outage(self, exc: StorageUnavailableError) -> None:
-        """The database went away (seen elsewhere): local locks for ``reconnect_interval``.
+        """The database went away (seen here or elsewhere): local locks for
+        ``reconnect_interval``.
 
         Raises:
-            StorageUnavailableError: ``exc``, unless ``fallback="memory"``.
+            StorageUnavailableError: ``exc``, unless ``fallback="memory"`` (no runs without
+                the database's locks).
         """
-        self._unavailable(exc)
+        if self._settings.fallback != "memory":
+            raise exc
+        self._down_until = time.monotonic() + self._settings.reconnect_interval
 
     def _direct(self, stack: ExitStack, pool: Any, thread_id: str) -> Any:
         """After a pool timeout: a connection of its own for this run (see
@@ -210,7 +209,7 @@ class RunLocks:
                             time.sleep(pause)
                             pause = min(pause * 2, _MAX_POLL)
                 except StorageUnavailableError as exc:
-                    self._unavailable(exc)
+                    self.outage(exc)
                     conn = None
             try:
                 yield
@@ -246,7 +245,7 @@ class RunLocks:
                             await asyncio.sleep(pause)
                             pause = min(pause * 2, _MAX_POLL)
                 except StorageUnavailableError as exc:
-                    self._unavailable(exc)
+                    self.outage(exc)
                     conn = None
             try:
                 yield
